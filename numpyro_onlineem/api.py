@@ -1,0 +1,388 @@
+"""``OnlineEM``: a thin object over the functional core, in the style of ``numpyro.infer.SVI``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numpyro_onlineem import core
+from numpyro_onlineem.initialization import INIT_MODES, data_driven_init
+from numpyro_onlineem.model import classify_sites, enum_trace, trace_model
+from numpyro_onlineem.mstep.expfam import MStepOptions
+from numpyro_onlineem.mstep.plan import make_plan
+from numpyro_onlineem.schedules import Schedule, as_schedule, robbins_monro
+from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState, UpdateInfo
+from numpyro_onlineem.validation import check_inputs
+
+
+class OnlineEM:
+    r"""Online EM (Cappé & Moulines 2009) for a NumPyro model, with no hand-written math.
+
+    The E step is exact: discrete latent sites inside the data plate are enumerated.
+    The M step is closed form for every ``numpyro.param`` site (maximum likelihood) and
+    every global latent site with a conjugate prior (posterior mode) that the model uses
+    directly as a parameter of a supported exponential family. Each update costs the
+    same, however much data has been seen.
+
+    .. math::
+        \hat s_n = \hat s_{n-1} + \gamma_n (\bar s(B_n; \theta_{n-1}) - \hat s_{n-1}),
+        \qquad \theta_n = \bar\theta(\hat s_n)
+
+    Parameters
+    ----------
+    model : callable
+        A NumPyro model; its arguments are the data of one mini-batch.
+    step_size : float or callable, optional
+        A constant step, or an optax-style schedule ``count -> step``. Default:
+        :func:`~numpyro_onlineem.schedules.robbins_monro` with ``kappa=0.6``.
+    burn_in : float, optional
+        Data points to accumulate before the first M step (statistics are their exact
+        running mean). Default: ``max(20, 10 K)`` with ``K`` the largest number of
+        states of an enumerated site.
+    polyak : bool or int
+        Polyak–Ruppert averaging of the parameters (what :meth:`get_params` returns).
+        ``True`` starts it at update ``polyak_start``; an int is that update. ``False``
+        (default) reports the last iterate.
+    polyak_eta : float
+        Polynomial-decay averaging (``0``: plain mean of the iterates since the start;
+        larger values forget early iterates faster).
+    init : {"auto", "kmeans++", "model"}
+        Data-driven initialisation of component locations; see
+        :mod:`numpyro_onlineem.initialization`.
+    reg_covar : float
+        Added to every variance, as in scikit-learn's ``GaussianMixture``.
+    min_count : float
+        Parameter blocks with fewer expected data points than this keep their value.
+    data_plate : str, optional
+        Name of the data plate, when it cannot be inferred.
+    chunk_size : int
+        Number of batches fused into one compiled call by :meth:`run`.
+
+    Examples
+    --------
+    >>> em = OnlineEM(gmm)                                  # doctest: +SKIP
+    >>> state = em.init(jax.random.PRNGKey(0), x0)          # doctest: +SKIP
+    >>> state, loss = em.update(state, xb)                  # doctest: +SKIP
+    >>> em.get_params(state)["locs"].shape                  # doctest: +SKIP
+    (3, 2)
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        step_size: float | Schedule | None = None,
+        burn_in: float | None = None,
+        polyak: bool | int = False,
+        polyak_start: int = 100,
+        polyak_eta: float = 0.0,
+        init: str = "auto",
+        reg_covar: float = 1e-6,
+        min_count: float = 1e-6,
+        data_plate: str | None = None,
+        chunk_size: int = 100,
+    ):
+        if init not in INIT_MODES:
+            raise ValueError(f"OnlineEM: init must be one of {INIT_MODES}, got {init!r}.")
+        if burn_in is not None and burn_in < 0:
+            raise ValueError(f"OnlineEM: burn_in must be >= 0, got {burn_in}.")
+        if reg_covar < 0:
+            raise ValueError(f"OnlineEM: reg_covar must be >= 0, got {reg_covar}.")
+        if chunk_size < 1:
+            raise ValueError(f"OnlineEM: chunk_size must be >= 1, got {chunk_size}.")
+        if polyak is True:
+            start = polyak_start
+        elif polyak is False or polyak is None:
+            start = None
+        else:
+            start = int(polyak)
+        self.model = model
+        self.init_mode = init
+        self.data_plate = data_plate
+        self.chunk_size = int(chunk_size)
+        self.config = core.Config(
+            model=model,
+            schedule=robbins_monro(0.6, 2.0) if step_size is None else as_schedule(step_size),
+            burn_in=None if burn_in is None else float(burn_in),
+            polyak_start=start,
+            polyak_eta=float(polyak_eta),
+            options=MStepOptions(reg_covar=float(reg_covar), min_count=float(min_count)),
+        )
+        self._update = jax.jit(functools.partial(_update, self.config))
+        self._scan = jax.jit(functools.partial(_scan, self.config))
+        self._loglik = jax.jit(functools.partial(_loglik, self.config))
+        self._marginals = jax.jit(functools.partial(_marginals, self.config))
+
+    # ------------------------------------------------------------------ init
+    def init(
+        self, rng_key: jax.Array, *args: Any, init_params: dict | None = None, **kwargs: Any
+    ) -> OnlineEMState:
+        """Trace the model on a first batch, classify its sites, choose the M steps,
+        initialise the parameters and compute the first statistics.
+
+        Parameters
+        ----------
+        rng_key : PRNGKey
+        *args, **kwargs
+            The model's arguments for one batch: shapes, data-driven initialisation
+            and the initial statistics come from it.
+        init_params : dict, optional
+            Constrained initial values by site name; they are never overridden.
+
+        Returns
+        -------
+        OnlineEMState
+        """
+        check_inputs(None, args, kwargs, "init")
+        init_params = dict(init_params or {})
+        key_trace, key_init, key_state = jax.random.split(rng_key, 3)
+        trace = trace_model(self.model, args, kwargs, init_params, key_trace)
+        sites = classify_sites(trace, self.data_plate)
+        unknown = set(init_params) - set(sites.params)
+        if unknown:
+            raise ValueError(
+                f"OnlineEM.init: init_params names {sorted(unknown)}, which are not "
+                f"estimated sites of the model ({sorted(sites.params)})."
+            )
+        dtype = jnp.result_type(float)
+        params = {}
+        for name, ps in sites.params.items():
+            value = jnp.asarray(trace[name]["value"], dtype)
+            if value.shape != ps.shape:
+                raise ValueError(f"OnlineEM.init: site '{name}' has shape {value.shape}.")
+            params[name] = value
+        plan = make_plan(self.model, sites, params, args, kwargs)
+        if self.init_mode != "model":
+            etrace = enum_trace(self.model, sites, params, args, kwargs)
+            params, _ = data_driven_init(
+                key_init,
+                plan,
+                params,
+                etrace,
+                self.init_mode,
+                frozenset(init_params),
+                self.config.options,
+            )
+        return core.init_state(self.config, plan, params, key_state, args, kwargs)
+
+    # ---------------------------------------------------------------- update
+    def update(
+        self, state: OnlineEMState, *args: Any, **kwargs: Any
+    ) -> tuple[OnlineEMState, jax.Array]:
+        """One online EM update on a mini-batch (the model's arguments).
+
+        Returns
+        -------
+        state : OnlineEMState
+        loss : Array, shape ()
+            Negative log marginal likelihood of the batch per datum, under the
+            parameters before the update.
+        """
+        state, info = self.update_with_info(state, *args, **kwargs)
+        return state, info.loss
+
+    def update_with_info(
+        self, state: OnlineEMState, *args: Any, **kwargs: Any
+    ) -> tuple[OnlineEMState, UpdateInfo]:
+        """:meth:`update`, returning the full :class:`UpdateInfo` diagnostics."""
+        check_inputs(state.plan.input_spec, args, kwargs, "update")
+        return self._update(state, args, kwargs)
+
+    def get_params(self, state: OnlineEMState) -> dict:
+        """Constrained estimates of every ``numpyro.param`` and global latent site (the
+        Polyak average when averaging is on)."""
+        return dict(state.averaged)
+
+    def mstep_paths(self, state: OnlineEMState) -> dict:
+        """For each estimated site, the M step it takes, in words."""
+        return dict(state.plan.paths)
+
+    # ------------------------------------------------------------- inference
+    def log_likelihood(self, state: OnlineEMState, *args: Any, **kwargs: Any) -> jax.Array:
+        r"""Marginal log-likelihood :math:`\log p(x_i \mid \hat\theta)` of each datum of the
+        data plate, shape ``(batch,)``, at :meth:`get_params`."""
+        check_inputs(state.plan.input_spec, args, kwargs, "log_likelihood")
+        return self._loglik(state, args, kwargs)
+
+    def compute_marginals(self, state: OnlineEMState, *args: Any, **kwargs: Any) -> dict:
+        """Posterior marginals of the enumerated sites at :meth:`get_params`:
+        ``{name: (batch, K) probabilities}``."""
+        check_inputs(state.plan.input_spec, args, kwargs, "compute_marginals")
+        return self._marginals(state, args, kwargs)
+
+    # ------------------------------------------------------------------- run
+    def run(
+        self,
+        rng_key: jax.Array,
+        stream: Iterable | jax.Array | np.ndarray,
+        *,
+        batch_size: int | None = None,
+        progress_bar: bool = True,
+        init_params: dict | None = None,
+        init_state: OnlineEMState | None = None,
+    ) -> OnlineEMRunResult:
+        """Run online EM over a stream of mini-batches.
+
+        Parameters
+        ----------
+        rng_key : PRNGKey
+        stream : iterable or array
+            Items are a batch array, a tuple of positional arguments, or an
+            ``(args, kwargs)`` pair. A single point (one dimension fewer than the init
+            batch) is a batch of one. An array with ``batch_size`` is cut into batches
+            along its first axis (a final partial batch is used too).
+        batch_size : int, optional
+            Required when ``stream`` is an array.
+        progress_bar : bool
+            A tqdm bar with the running loss.
+        init_params : dict, optional
+            Passed to :meth:`init` (on the first batch) when ``init_state`` is not given.
+        init_state : OnlineEMState, optional
+            Continue from this state instead of initialising.
+
+        Returns
+        -------
+        OnlineEMRunResult
+            ``(params, state, losses)``; batches are fused ``chunk_size`` at a time into
+            one compiled ``lax.scan``.
+        """
+        if isinstance(stream, np.ndarray | jax.Array):
+            if batch_size is None:
+                raise ValueError(
+                    "OnlineEM.run: pass batch_size=... to cut an array stream into batches."
+                )
+            stream = _array_chunks(stream, int(batch_size), self.chunk_size)
+        bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="OnlineEM", unit="batch")
+        state = init_state
+        losses, buffer, signature = [], [], None
+        try:
+            for item in stream:
+                if isinstance(item, _Chunk):
+                    if state is None:
+                        first = (item.data[0],)
+                        state = self.init(rng_key, *first, init_params=init_params)
+                    check_inputs(state.plan.input_spec, (item.data[0],), {}, "run")
+                    check_inputs(None, (item.data,), {}, "run")
+                    if buffer:
+                        state = self._flush(state, buffer, losses, bar)
+                        buffer = []
+                    state = self._flush_stacked(state, ((item.data,), {}), losses, bar)
+                    continue
+                args, kwargs = _as_call(item)
+                if state is None:
+                    state = self.init(rng_key, *args, init_params=init_params, **kwargs)
+                args = _single_point_to_batch(state.plan.input_spec, args)
+                sig = (
+                    jax.tree.structure((args, kwargs)),
+                    tuple(np.shape(x) for x in jax.tree.leaves((args, kwargs))),
+                )
+                if buffer and (sig != signature or len(buffer) == self.chunk_size):
+                    state = self._flush(state, buffer, losses, bar)
+                    buffer = []
+                check_inputs(state.plan.input_spec, args, kwargs, "run")
+                buffer.append((args, kwargs))
+                signature = sig
+            if buffer:
+                state = self._flush(state, buffer, losses, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if state is None:
+            raise ValueError("OnlineEM.run: the stream was empty.")
+        losses = jnp.concatenate(losses) if losses else jnp.zeros((0,))
+        return OnlineEMRunResult(self.get_params(state), state, losses)
+
+    def _flush(self, state, buffer, losses, bar):
+        if len(buffer) == 1:
+            state, info = self._update(state, *buffer[0])
+            return self._record(info.loss[None], losses, bar, state)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *buffer)
+        return self._flush_stacked(state, stacked, losses, bar)
+
+    def _flush_stacked(self, state, stacked, losses, bar):
+        state, infos = self._scan(state, stacked)
+        return self._record(infos.loss, losses, bar, state)
+
+    @staticmethod
+    def _record(chunk_losses, losses, bar, state):
+        losses.append(chunk_losses)
+        if bar is not None:
+            bar.update(int(chunk_losses.shape[0]))
+            bar.set_postfix(loss=f"{float(jnp.mean(chunk_losses)):.4f}")
+        return state
+
+
+def _update(config, state, args, kwargs):
+    return core.update(config, state, args, kwargs)
+
+
+def _scan(config, state, stacked):
+    def body(s, batch):
+        args, kwargs = batch
+        return core.update(config, s, args, kwargs)
+
+    return jax.lax.scan(body, state, stacked)
+
+
+def _loglik(config, state, args, kwargs):
+    return core.log_likelihood(config, state.plan.model_sites, state.averaged, args, kwargs)
+
+
+def _marginals(config, state, args, kwargs):
+    return core.marginals(config, state.plan.model_sites, state.averaged, args, kwargs)
+
+
+def _as_call(item) -> tuple[tuple, dict]:
+    if (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], tuple)
+        and isinstance(item[1], dict)
+    ):
+        return item[0], item[1]
+    if isinstance(item, tuple):
+        return item, {}
+    return (item,), {}
+
+
+def _single_point_to_batch(spec, args: tuple) -> tuple:
+    if spec is None:
+        return args
+    ndims = {name: ndim for name, ndim, _ in spec.arrays}
+    out = []
+    for i, a in enumerate(args):
+        ndim = ndims.get(f"args[{i}]")
+        if ndim is not None and np.ndim(a) == ndim - 1:
+            a = jnp.asarray(a)[None]
+        out.append(a)
+    return tuple(out)
+
+
+class _Chunk(NamedTuple):
+    """Several equal batches of an array stream, stacked: shape (num, batch, ...)."""
+
+    data: jax.Array
+
+
+def _array_chunks(data, batch_size: int, chunk_size: int):
+    """Cut an array into chunks of ``chunk_size`` stacked batches; a final partial batch
+    comes last, on its own."""
+    if batch_size < 1:
+        raise ValueError(f"OnlineEM.run: batch_size must be >= 1, got {batch_size}.")
+    data = jnp.asarray(data)
+    n = data.shape[0]
+    num = n // batch_size
+    full = data[: num * batch_size].reshape((num, batch_size) + data.shape[1:])
+    for start in range(0, num, chunk_size):
+        yield _Chunk(full[start : start + chunk_size])
+    if num * batch_size < n:
+        yield data[num * batch_size :]

@@ -1,0 +1,241 @@
+r"""The functional core of online EM: pure functions of arrays and pytrees.
+
+One update on a mini-batch :math:`B_n` (Cappé & Moulines 2009):
+
+.. math::
+    \hat s_n = \hat s_{n-1} + \gamma_n \big( |B_n|^{-1} \textstyle\sum_{i \in B_n}
+    E_{\theta_{n-1}}[S(x_i, z_i) \mid x_i] - \hat s_{n-1} \big), \qquad
+    \theta_n = \bar\theta(\hat s_n).
+
+Statistics are per-datum averages; the M step weighs them by the data plate's total
+size :math:`N` against the priors of global sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from numpyro_onlineem.estep.enumerate import e_step, num_data
+from numpyro_onlineem.model import ModelSites, enum_trace
+from numpyro_onlineem.mstep.expfam import MStepOptions
+from numpyro_onlineem.mstep.plan import Plan, site_grid, unwrap
+from numpyro_onlineem.schedules import Schedule
+from numpyro_onlineem.state import OnlineEMState, UpdateInfo
+
+
+class Config(NamedTuple):
+    """Static settings of the core (hashable; part of the compiled function).
+
+    Attributes
+    ----------
+    model : callable
+    schedule : callable
+        ``count -> step size`` after burn-in.
+    burn_in : float or None
+        Points to see before the first M step; until then statistics are the exact
+        running mean of everything seen. ``None``: the plan's default,
+        ``max(20, 10 K)`` for ``K`` the largest number of enumerated states.
+    polyak_start : int or None
+        Update from which parameters are averaged; ``None`` switches averaging off.
+    polyak_eta : float
+        Polynomial-decay averaging weight (Shamir & Zhang 2013):
+        :math:`\\bar\\theta_k = \\bar\\theta_{k-1} + \\frac{\\eta+1}{k+\\eta}(\\theta_k -
+        \\bar\\theta_{k-1})`; ``0`` is the plain Polyak–Ruppert mean.
+    options : MStepOptions
+    """
+
+    model: Callable
+    schedule: Schedule
+    burn_in: float | None
+    polyak_start: int | None
+    polyak_eta: float
+    options: MStepOptions
+
+
+def _align(arr: jax.Array, ndim: int) -> jax.Array:
+    arr = jnp.asarray(arr)
+    return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
+
+
+def batch_statistics(
+    config: Config, plan: Plan, params: dict, args: tuple, kwargs: dict
+) -> tuple[jax.Array, dict, int, float]:
+    """E step on one batch.
+
+    Returns
+    -------
+    loglik : Array, shape (batch,)
+        :math:`\\log p(x_i \\mid \\theta)`.
+    stats : dict
+        Site -> statistic -> array of shape ``(num_cells, ...)``: the batch mean of the
+        expected sufficient statistics.
+    batch_size, total_size : int, float
+    trace : OrderedDict
+    """
+    sites = plan.model_sites
+    trace = enum_trace(config.model, sites, params, args, kwargs)
+    res = e_step(trace, sites)
+    batch_size, total_size = num_data(trace, sites)
+    stats = {}
+    for sp in plan.sites:
+        site = trace[sp.site]
+        grid, base = site_grid(site)
+        fam = sp.family
+        nd = len(grid)
+        w = res.weights[sp.site]
+        w = w.reshape(w.shape + (1,) * (nd - w.ndim))
+        value = _align(site["value"], nd + fam.value_event_ndim)
+        consts = {}
+        for role, (_, arr) in fam.roles(base).items():
+            if role not in sp.learned:
+                consts[role] = _align(arr, nd + fam.role_event_ndim[role])
+        moved = [jnp.moveaxis(a, sp.data_axis, 0) for a in (w, value)]
+        consts = {k: jnp.moveaxis(v, sp.data_axis, 0) for k, v in consts.items()}
+        if fam.name == "Categorical":
+            consts["num_categories"] = fam.roles(base)["probs"][1].shape[-1]
+        raw = fam.suff_stats(moved[1], moved[0], consts)
+        rest = grid[: sp.data_axis] + grid[sp.data_axis + 1 :]
+        out = {}
+        for k, v in raw.items():
+            event = v.shape[nd - 1 :]
+            v = jnp.broadcast_to(v, rest + event).reshape((-1,) + event)
+            if sp.cell_ids is not None:
+                v = jax.ops.segment_sum(v, sp.cell_ids, num_segments=sp.num_cells)
+            out[k] = v / batch_size
+        stats[sp.site] = out
+    return res.loglik, stats, batch_size, total_size, trace
+
+
+def _prior_blocks(fn, shape: tuple, role_event: tuple) -> dict:
+    base = unwrap(fn)
+    out = {}
+    for key, val in vars(base).items():
+        if key.startswith("_") or not hasattr(val, "shape") and not isinstance(val, float):
+            continue
+        arr = jnp.asarray(val)
+        # prior batch+event broadcasts over the estimated site's shape
+        arr = jnp.broadcast_to(arr, jnp.broadcast_shapes(arr.shape, shape))
+        out[key] = arr.reshape((-1,) + tuple(role_event))
+    return out
+
+
+def m_step(config: Config, plan: Plan, params: dict, stats: dict, total_size: float, trace):
+    """Closed-form M step of every planned site, from the running statistics."""
+    new = dict(params)
+    for sp in plan.sites:
+        fam = sp.family
+        current, priors, events = {}, {}, {}
+        for role, pname in sp.learned.items():
+            shape = plan.model_sites.params[pname].shape
+            ev = fam.role_event_ndim[role]
+            events[role] = tuple(shape[len(shape) - ev :]) if ev else ()
+            current[role] = params[pname].reshape((-1,) + events[role])
+            prior_site = sp.priors.get(role)
+            if prior_site is not None:
+                priors[role] = _prior_blocks(trace[prior_site]["fn"], shape, events[role])
+        groups = {r: (jnp.asarray(g), nb) for r, (g, nb) in sp.groups.items()}
+        attrs = dict(sp.attrs)
+        out = fam.m_step(stats[sp.site], groups, current, priors, total_size, config.options, attrs)
+        for role, value in out.items():
+            pname = sp.learned[role]
+            new[pname] = value.reshape(params[pname].shape).astype(params[pname].dtype)
+    return new
+
+
+def init_state(
+    config: Config, plan: Plan, params: dict, rng_key: jax.Array, args: tuple, kwargs: dict
+) -> OnlineEMState:
+    """State whose statistics are those of the init batch under ``params``."""
+    _, stats, batch_size, _, _ = batch_statistics(config, plan, params, args, kwargs)
+    return OnlineEMState(
+        params=params,
+        stats=stats,
+        averaged=params,
+        count=jnp.zeros((), jnp.int32),
+        num_seen=jnp.asarray(batch_size, jnp.result_type(float)),
+        rng_key=rng_key,
+        plan=plan,
+    )
+
+
+def update(
+    config: Config, state: OnlineEMState, args: tuple, kwargs: dict
+) -> tuple[OnlineEMState, UpdateInfo]:
+    """One online EM update on the batch given by the model's ``args``/``kwargs``.
+
+    Pure and jittable; the state's size is independent of how much data was seen.
+    """
+    plan = state.plan
+    loglik, batch, batch_size, total_size, trace = batch_statistics(
+        config, plan, state.params, args, kwargs
+    )
+    dtype = state.num_seen.dtype
+    seen = state.num_seen + batch_size
+    burn_in = plan.default_burn_in if config.burn_in is None else config.burn_in
+    in_burn_in = seen <= burn_in
+    gamma = jnp.where(
+        in_burn_in,
+        batch_size / seen,
+        jnp.asarray(config.schedule(state.count), dtype),
+    ).astype(dtype)
+    stats = jax.tree.map(lambda s, b: s + gamma.astype(s.dtype) * (b - s), state.stats, batch)
+    proposed = m_step(config, plan, state.params, stats, total_size, trace)
+    params = jax.tree.map(lambda new, old: jnp.where(in_burn_in, old, new), proposed, state.params)
+
+    if config.polyak_start is None:
+        averaged = params
+    else:
+        k = (state.count - config.polyak_start + 1).astype(dtype)
+        eta = config.polyak_eta
+        weight = jnp.where(k >= 1, (eta + 1.0) / (k + eta), 1.0)
+        weight = jnp.where(in_burn_in, 1.0, jnp.minimum(weight, 1.0))
+        averaged = jax.tree.map(
+            lambda a, p: a + weight.astype(p.dtype) * (p - a), state.averaged, params
+        )
+
+    loss = -jnp.mean(loglik)
+    finite = jnp.isfinite(loss)
+    for leaf in jax.tree.leaves((stats, params)):
+        finite = finite & jnp.all(jnp.isfinite(leaf))
+    new_state = OnlineEMState(
+        params=params,
+        stats=stats,
+        averaged=averaged,
+        count=state.count + 1,
+        num_seen=seen,
+        rng_key=state.rng_key,
+        plan=plan,
+    )
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+    info = UpdateInfo(loss=loss, step_size=gamma, m_step=~in_burn_in, nonfinite=~finite)
+    return new_state, info
+
+
+def log_likelihood(
+    config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict
+) -> jax.Array:
+    """Per-datum marginal log-likelihood :math:`\\log p(x_i \\mid \\theta)`, shape (batch,)."""
+    trace = enum_trace(config.model, sites, params, args, kwargs)
+    return e_step(trace, sites).loglik
+
+
+def marginals(config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict) -> dict:
+    """Posterior marginals of every enumerated site, each of shape ``(batch, K)``."""
+    trace = enum_trace(config.model, sites, params, args, kwargs)
+    res = e_step(trace, sites)
+    out = {}
+    for name in sites.enumerated:
+        w = res.weights[name]
+        d2n = trace[name]["infer"]["dim_to_name"]
+        name_to_axis = {n: w.ndim + d for d, n in d2n.items()}
+        keep = (name_to_axis[sites.data_plate], name_to_axis[name])
+        summed = tuple(i for i in range(w.ndim) if i not in keep)
+        m = jnp.sum(w, axis=summed) if summed else w
+        if keep[0] > keep[1]:
+            m = m.T
+        out[name] = m
+    return out

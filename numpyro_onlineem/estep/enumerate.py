@@ -1,0 +1,129 @@
+r"""Exact E step by enumeration.
+
+The local factors of a traced model (every sample site inside the data plate, with
+the discrete latents enumerated in parallel) are contracted with funsor into the
+per-datum marginal log-likelihood :math:`\log p(x_i \mid \theta)`. The posterior
+marginal of every factor's scope is the gradient of the total with respect to that
+factor's log-probabilities (Eisner 2016):
+
+.. math:: p(\mathrm{scope}(f) \mid x) = \partial \log Z / \partial \log f.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
+
+import funsor
+import jax
+import jax.numpy as jnp
+
+from numpyro_onlineem.model import ModelSites, data_plate_frame
+
+funsor.set_backend("jax")
+
+
+class Factor(NamedTuple):
+    """Static layout of one local factor: names of its batch dimensions."""
+
+    name: str
+    dim_to_name: tuple  # ((dim, name), ...)
+
+
+class EStepResult(NamedTuple):
+    r"""What the E step returns for one batch.
+
+    Attributes
+    ----------
+    loglik : Array, shape (batch,)
+        :math:`\log p(x_i \mid \theta)` for each datum of the data plate.
+    weights : dict[str, Array]
+        For each local site, the posterior probability of every configuration of its
+        log-probability tensor (same shape as that tensor).
+    log_probs : dict[str, Array]
+        The log-probability tensors themselves.
+    trace : OrderedDict
+        The enumerated trace the factors came from.
+    """
+
+    loglik: jax.Array
+    weights: dict
+    log_probs: dict
+    trace: OrderedDict
+
+
+def local_log_probs(trace: OrderedDict, sites: ModelSites) -> tuple[dict, tuple]:
+    """Unscaled log-probabilities of the local sites and their funsor layouts."""
+    log_probs, layout = {}, []
+    for name in sites.local:
+        site = trace[name]
+        fn, value = site["fn"], site["value"]
+        if site["intermediates"]:
+            lp = fn.log_prob(value, site["intermediates"])
+        else:
+            lp = fn.log_prob(value)
+        dim_to_name = site["infer"]["dim_to_name"]
+        if any(n.startswith("_time") or n.startswith("_PREV_") for n in dim_to_name.values()):
+            raise NotImplementedError(
+                f"OnlineEM: site '{name}' is inside a markov/scan chain; Markov chains are "
+                "not supported by the enumeration E step yet."
+            )
+        lp = jnp.broadcast_to(lp, jnp.shape(lp))
+        log_probs[name] = lp
+        layout.append(Factor(name, tuple(dim_to_name.items())))
+    return log_probs, tuple(layout)
+
+
+def _contract(log_probs: dict, layout: tuple, sites: ModelSites, plates: frozenset, size: int):
+    """Per-datum log marginal likelihood, shape (size,)."""
+    factors = []
+    for fac in layout:
+        lp = log_probs[fac.name]
+        factors.append(
+            funsor.to_funsor(lp, output=funsor.Real, dim_to_name=OrderedDict(fac.dim_to_name))
+        )
+    sum_vars = frozenset(sites.enumerated)
+    eliminate = sum_vars | (plates - {sites.data_plate})
+    with funsor.interpretations.lazy:
+        lazy = funsor.sum_product.sum_product(
+            funsor.ops.logaddexp, funsor.ops.add, factors, eliminate=eliminate, plates=plates
+        )
+    result = funsor.optimizer.apply_optimizer(lazy)
+    if set(result.inputs) - {sites.data_plate}:
+        raise ValueError(
+            "OnlineEM: the enumerated log density did not reduce to one value per datum; "
+            f"left-over dimensions: {sorted(set(result.inputs) - {sites.data_plate})}."
+        )
+    data = result.data
+    if sites.data_plate not in result.inputs:
+        data = jnp.broadcast_to(data, (size,))
+    return data
+
+
+def e_step(trace: OrderedDict, sites: ModelSites) -> EStepResult:
+    """Exact posterior weights of every local factor of an enumerated trace."""
+    log_probs, layout = local_log_probs(trace, sites)
+    plates = frozenset(
+        f.name for n in sites.local for f in trace[n]["cond_indep_stack"] if f.dim is not None
+    )
+    size = data_plate_frame(trace[sites.observed[0]], sites.data_plate).size
+
+    def total(lps):
+        ll = _contract(lps, layout, sites, plates, size)
+        return ll.sum(), ll
+
+    (_, loglik), weights = jax.value_and_grad(total, has_aux=True)(log_probs)
+    return EStepResult(loglik, weights, log_probs, trace)
+
+
+def num_data(trace: OrderedDict, sites: ModelSites) -> tuple[int, float]:
+    """``(batch_size, total_size)`` of the data plate.
+
+    ``numpyro.plate("data", N, subsample_size=B)`` gives ``(B, N)``; a plate of the
+    batch's own size gives ``(B, B)``.
+    """
+    site = trace[sites.observed[0]]
+    size = data_plate_frame(site, sites.data_plate).size
+    scale = site["scale"]
+    total = size if scale is None else size * float(scale)
+    return size, total

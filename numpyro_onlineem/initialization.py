@@ -1,0 +1,157 @@
+r"""Data-driven initialisation: k-means++ on the first batch, for component locations.
+
+Which optimum one pass of online EM reaches depends on where it starts, and mixture
+components started at identical values never separate. The rule, per estimated site
+that is the *location-like* parameter of a component (``Normal``/``MultivariateNormal``
+``loc``, ``Poisson``/``Exponential`` ``rate``, ``Bernoulli`` ``probs``, indexed by an
+enumerated latent):
+
+* ``init="auto"`` (default): the site is set from k-means++ centres (then a few Lloyd
+  iterations) over the init batch **only if** its initial value is the same for every
+  component: a placeholder such as ``jnp.zeros((K, D))``. Values that differ across
+  components were set on purpose and are kept.
+* ``init="kmeans++"``: every such site is set from the centres, whatever its value.
+* ``init="model"``: nothing is changed; the model's own init values (or prior medians
+  for global sites) are used.
+
+Values passed as ``init_params`` to :meth:`OnlineEM.init` are never overridden.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numpyro_onlineem.mstep.expfam import MStepOptions
+from numpyro_onlineem.mstep.plan import Plan, site_grid
+
+INIT_MODES = ("auto", "kmeans++", "model")
+
+
+def kmeans_pp(rng_key: jax.Array, x: jax.Array, k: int, num_iters: int = 10) -> jax.Array:
+    r"""k-means++ seeding (Arthur & Vassilvitskii 2007) followed by Lloyd iterations.
+
+    Each new centre is drawn with probability :math:`\propto D(x)^2`, the squared distance
+    to the nearest centre so far.
+
+    Parameters
+    ----------
+    rng_key : PRNGKey
+    x : Array, shape (n, p)
+    k : int
+        Number of centres. With fewer than ``k`` distinct points, the centres repeat
+        points and are jittered by 1e-3 of the data's spread.
+    num_iters : int
+        Lloyd iterations after seeding.
+
+    Returns
+    -------
+    Array, shape (k, p)
+    """
+    x = jnp.asarray(x)
+    n = x.shape[0]
+    key0, key_seed, key_jit = jax.random.split(rng_key, 3)
+    first = jax.random.randint(key0, (), 0, n)
+    centers = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
+    d2 = jnp.sum((x - x[first]) ** 2, -1)
+
+    def seed(i, carry):
+        centers, d2, key = carry
+        key, sub = jax.random.split(key)
+        total = d2.sum()
+        p = jnp.where(total > 0, d2 / jnp.where(total > 0, total, 1.0), 1.0 / n)
+        j = jax.random.choice(sub, n, p=p)
+        centers = centers.at[i].set(x[j])
+        d2 = jnp.minimum(d2, jnp.sum((x - x[j]) ** 2, -1))
+        return centers, d2, key
+
+    centers, _, _ = jax.lax.fori_loop(1, k, seed, (centers, d2, key_seed))
+
+    def lloyd(_, centers):
+        dist2 = jnp.sum((x[:, None, :] - centers[None]) ** 2, -1)
+        assign = jax.nn.one_hot(jnp.argmin(dist2, -1), k, dtype=x.dtype)
+        counts = assign.sum(0)
+        means = assign.T @ x / jnp.where(counts > 0, counts, 1.0)[:, None]
+        return jnp.where(counts[:, None] > 0, means, centers)
+
+    centers = jax.lax.fori_loop(0, num_iters, lloyd, centers)
+    spread = jnp.std(x, 0) + 1e-12
+    jitter = 1e-3 * spread * jax.random.normal(key_jit, centers.shape, x.dtype)
+    return jnp.where(n < k, centers + jitter, centers)
+
+
+def data_driven_init(
+    rng_key: jax.Array,
+    plan: Plan,
+    params: dict,
+    trace,
+    mode: str,
+    user_set: frozenset,
+    options: MStepOptions,
+) -> tuple[dict, dict]:
+    """Apply the rule of the module docstring.
+
+    Returns
+    -------
+    params : dict
+        Updated initial values.
+    report : dict[str, str]
+        For each location-like site, what was done and why.
+    """
+    params, report = dict(params), {}
+    if mode == "model":
+        return params, report
+    for sp in plan.sites:
+        fam = sp.family
+        for role in fam.center_roles:
+            pname = sp.learned.get(role)
+            if pname is None:
+                continue
+            if pname in user_set:
+                report[pname] = "kept: given in init_params"
+                continue
+            site = trace[sp.site]
+            grid, _ = site_grid(site)
+            left = grid[: sp.data_axis]
+            enum_axes = [i for i, s in enumerate(left) if s > 1]
+            bm = sp.block_maps[role]
+            if len(enum_axes) != 1:
+                report[pname] = "kept: not indexed by exactly one enumerated latent"
+                continue
+            axis = enum_axes[0]
+            k = left[axis]
+            bm_k = np.moveaxis(bm, axis, 0).reshape((k,) + bm.shape[len(left) :])
+            if len(np.unique(bm_k)) != bm_k.size:
+                report[pname] = "kept: tied across components"
+                continue
+            shape = plan.model_sites.params[pname].shape
+            ev = fam.role_event_ndim[role]
+            event = tuple(shape[len(shape) - ev :]) if ev else ()
+            blocks = np.array(params[pname]).reshape((-1,) + event)
+            current = blocks[bm_k]
+            if mode == "auto" and not np.all(current == current[:1]):
+                report[pname] = "kept: initial values differ across components"
+                continue
+            value = jnp.asarray(site["value"])
+            right_event = tuple(bm_k.shape[1:]) + event
+            npts = (
+                value.shape[value.ndim - len(right_event) - 1]
+                if value.ndim > len(right_event)
+                else 1
+            )
+            try:
+                pts = jnp.broadcast_to(
+                    value, value.shape[: value.ndim - len(right_event)] + right_event
+                )
+                pts = pts.reshape((npts, -1))
+            except (ValueError, TypeError):
+                report[pname] = "kept: data shape does not match the component layout"
+                continue
+            rng_key, sub = jax.random.split(rng_key)
+            centers = kmeans_pp(sub, pts.astype(blocks.dtype), k)
+            centers = np.asarray(fam.from_centers(role, centers, options))
+            blocks[bm_k] = centers.reshape((k,) + right_event)
+            params[pname] = jnp.asarray(blocks.reshape(shape), dtype=params[pname].dtype)
+            report[pname] = f"k-means++ over {npts} points of the init batch"
+    return params, report

@@ -1,0 +1,396 @@
+r"""Exponential families: expected sufficient statistics and closed-form M steps.
+
+Each family is one entry of :data:`FAMILIES`, with the same small interface:
+
+* ``roles(base)``: the distribution's parameter arrays, keyed by role, with the
+  attribute each was read from (``MultivariateNormal`` reads its covariance from
+  ``covariance_matrix``, ``precision_matrix`` or ``scale_tril``, as the model gave it).
+* ``suff_stats(value, weight, consts)``: the weighted statistics
+  :math:`\sum_i w_i\, T(x_i)`, summed over the data axis (axis 0).
+* ``m_step(stats, groups, current, priors, num_data, options, attrs)``: the maximiser of
+  :math:`N \langle s, \phi(\theta)\rangle - N\psi(\theta) + \log \pi(\theta)` over the
+  learned roles, or its conditional maximiser role by role (ECM) where roles are
+  coupled.
+
+Statistics live on *cells*: the distinct combinations of parameter elements used at
+one position of the site. ``groups[role]`` maps each cell to the parameter block it
+reads, so tied parameters (one scale shared by all components, say) pool the cells
+that share them. Adding a family means adding one entry here; the E step and the
+stochastic approximation never change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+class MStepOptions(NamedTuple):
+    """Numerical safeguards of the closed-form M step.
+
+    Attributes
+    ----------
+    reg_covar : float
+        Added to every variance (diagonal of every covariance), as scikit-learn's
+        ``GaussianMixture(reg_covar=...)``: a floor that keeps a component from
+        collapsing onto one point.
+    min_count : float
+        A parameter block whose expected number of data points is below this keeps
+        its current value (a component that receives no responsibility stays valid).
+    prob_eps : float
+        Bernoulli probabilities are clipped to ``[prob_eps, 1 - prob_eps]`` and
+        Poisson / Exponential rates floored at ``prob_eps``.
+    """
+
+    reg_covar: float = 1e-6
+    min_count: float = 1e-6
+    prob_eps: float = 1e-6
+
+
+def contract_data(*ops: jax.Array) -> jax.Array:
+    r"""Sum over axis 0 of the broadcast product of ``ops`` (all of the same ndim).
+
+    Size-one axes are dropped from the einsum so that broadcasting never materialises:
+    :math:`\sum_b w_{kb}\, x_{bd}` runs as one matrix product.
+    """
+    ndim = ops[0].ndim
+    shape = jnp.broadcast_shapes(*(op.shape for op in ops))
+    subs, arrays = [], []
+    for op in ops:
+        keep = [i for i in range(ndim) if op.shape[i] != 1 or shape[i] == 1]
+        arrays.append(op.reshape([op.shape[i] for i in keep]))
+        subs.append("".join(_LETTERS[i] for i in keep))
+    out = "".join(_LETTERS[i] for i in range(1, ndim))
+    return jnp.einsum(",".join(subs) + "->" + out, *arrays)
+
+
+def segment_sum(x: jax.Array, groups: jax.Array, num: int) -> jax.Array:
+    """Sum the leading axis of ``x`` into ``num`` groups."""
+    return jax.ops.segment_sum(x, groups, num_segments=num)
+
+
+def _keep(count: jax.Array, new: jax.Array, current: jax.Array, min_count: float) -> jax.Array:
+    """``new`` where the block saw enough data, ``current`` elsewhere."""
+    mask = (count > min_count).reshape(count.shape + (1,) * (new.ndim - count.ndim))
+    return jnp.where(mask, new, current)
+
+
+class Family:
+    """Base class of a registry entry. See the module docstring for the interface."""
+
+    name: str = ""
+    dist_types: tuple = ()
+    value_event_ndim: int = 0
+    role_event_ndim: dict = {}
+    # role -> distributions accepted as conjugate priors on a global site in that role
+    conjugate_priors: dict = {}
+    # roles whose data-driven initialisation from cluster centres makes sense
+    center_roles: tuple = ()
+
+    def roles(self, base: dist.Distribution) -> dict:
+        """Role name -> (distribution attribute name, array)."""
+        raise NotImplementedError
+
+    def attrs(self, role: str) -> tuple:
+        """Attribute names of the distribution that are functions of ``role``."""
+        return (role,)
+
+    def suff_stats(self, value, weight, consts) -> dict:
+        raise NotImplementedError
+
+    def m_step(self, stats, groups, current, priors, num_data, options) -> dict:
+        raise NotImplementedError
+
+    def from_centers(self, role: str, centers: jax.Array, options: MStepOptions) -> jax.Array:
+        """Initial value of ``role`` from k-means centres (same shape as the value)."""
+        return centers
+
+
+class NormalFamily(Family):
+    r"""``Normal(loc, scale)``, elementwise (``to_event`` for diagonal multivariate).
+
+    Statistics per cell: :math:`n = \sum w`, :math:`s_1 = \sum w x`,
+    :math:`s_2 = \sum w x^2`. M step: :math:`\mu = s_1 / n`,
+    :math:`\sigma^2 = s_2/n - \mu^2 + \text{reg\_covar}`. A ``Normal(m_0, s_0)`` prior on
+    a global ``loc`` gives :math:`\mu = (m_0/s_0^2 + N s_1/\sigma^2)/(1/s_0^2 + N n/\sigma^2)`.
+    """
+
+    name = "Normal"
+    dist_types = (dist.Normal,)
+    role_event_ndim = {"loc": 0, "scale": 0}
+    conjugate_priors = {"loc": (dist.Normal,)}
+    center_roles = ("loc",)
+
+    def roles(self, base):
+        return {"loc": ("loc", base.loc), "scale": ("scale", base.scale)}
+
+    def suff_stats(self, value, weight, consts):
+        x = value - consts["loc"] if "loc" in consts else value
+        w = weight / consts["scale"] ** 2 if "scale" in consts else weight
+        return {
+            "n": contract_data(w),
+            "s1": contract_data(w, x),
+            "s2": contract_data(w, x * x),
+        }
+
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+        n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
+        out = {}
+        if "loc" in groups:
+            g, nb = groups["loc"]
+            prec = 1.0 / current["scale"][groups["scale"][0]] ** 2 if "scale" in groups else 1.0
+            a = segment_sum(prec * s1, g, nb)
+            b = segment_sum(prec * n, g, nb)
+            count = segment_sum(n, g, nb)
+            if priors.get("loc") is not None:
+                m0, s0 = priors["loc"]["loc"], priors["loc"]["scale"]
+                a, b = a + m0 / s0**2, b + 1.0 / s0**2
+                count = jnp.full_like(count, jnp.inf)
+            out["loc"] = _keep(
+                count, a / jnp.where(b > 0, b, 1.0), current["loc"], options.min_count
+            )
+        if "scale" in groups:
+            g, nb = groups["scale"]
+            mu = out["loc"][groups["loc"][0]] if "loc" in groups else 0.0
+            q = s2 - 2.0 * mu * s1 + mu * mu * n
+            num = segment_sum(q, g, nb)
+            den = segment_sum(n, g, nb)
+            var = jnp.maximum(num / jnp.where(den > 0, den, 1.0), 0.0) + options.reg_covar
+            out["scale"] = _keep(den, jnp.sqrt(var), current["scale"], options.min_count)
+        return out
+
+
+class MultivariateNormalFamily(Family):
+    r"""``MultivariateNormal(loc, covariance_matrix | precision_matrix | scale_tril)``.
+
+    Statistics per cell: :math:`n`, :math:`s_1 = \sum w x`, :math:`S_2 = \sum w x x^\top`.
+    M step: :math:`\mu = s_1/n`,
+    :math:`\Sigma = (S_2 - \mu s_1^\top - s_1\mu^\top + n\mu\mu^\top)/n + \text{reg\_covar}\, I`,
+    returned in whichever form the model passed. Cost :math:`O(K D^3)` per M step.
+    """
+
+    name = "MultivariateNormal"
+    dist_types = (dist.MultivariateNormal,)
+    value_event_ndim = 1
+    role_event_ndim = {"loc": 1, "cov": 2}
+    conjugate_priors = {"loc": (dist.Normal,)}
+    center_roles = ("loc",)
+    _forms = ("covariance_matrix", "precision_matrix", "scale_tril")
+
+    def cov_form(self, base) -> str:
+        for form in self._forms[:2]:
+            if form in vars(base):
+                return form
+        return "scale_tril"
+
+    def roles(self, base):
+        form = self.cov_form(base)
+        return {"loc": ("loc", base.loc), "cov": (form, getattr(base, form))}
+
+    def attrs(self, role):
+        return self._forms if role == "cov" else (role,)
+
+    def suff_stats(self, value, weight, consts):
+        x = value - consts["loc"] if "loc" in consts else value
+        w = weight[..., None]
+        return {
+            "n": contract_data(weight),
+            "s1": contract_data(w, x),
+            "s2": contract_data(w[..., None], x[..., :, None], x[..., None, :]),
+        }
+
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+        n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
+        out = {}
+        mu = jnp.zeros_like(s1)
+        if "loc" in groups:
+            g, _ = groups["loc"]
+            if priors.get("loc") is not None:
+                # diagonal Normal prior, current precision: (L0 + n L)^-1 (L0 m0 + L s1)
+                prec = _precision(current["cov"][groups["cov"][0]], attrs["cov"])
+                l0 = 1.0 / priors["loc"]["scale"][g] ** 2
+                lhs = n[:, None, None] * prec + jax.vmap(jnp.diag)(l0)
+                rhs = jnp.einsum("cij,cj->ci", prec, s1) + l0 * priors["loc"]["loc"][g]
+                mu = jnp.linalg.solve(lhs, rhs[..., None])[..., 0]
+            else:
+                safe_n = jnp.where(n > 0, n, 1.0)
+                mu = _keep(n, s1 / safe_n[:, None], current["loc"][g], options.min_count)
+            out["loc"] = current["loc"].at[g].set(mu)
+        if "cov" in groups:
+            g, nb = groups["cov"]
+            q = s2 - mu[:, :, None] * s1[:, None, :] - s1[:, :, None] * mu[:, None, :]
+            q = q + n[:, None, None] * mu[:, :, None] * mu[:, None, :]
+            num = segment_sum(q, g, nb)
+            den = segment_sum(n, g, nb)
+            d = s1.shape[-1]
+            cov = num / jnp.where(den > 0, den, 1.0)[:, None, None]
+            cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2)) + options.reg_covar * jnp.eye(d)
+            out["cov"] = _keep(den, _from_cov(cov, attrs["cov"]), current["cov"], options.min_count)
+        return out
+
+
+def _from_cov(cov: jax.Array, form: str) -> jax.Array:
+    if form == "covariance_matrix":
+        return cov
+    chol = jnp.linalg.cholesky(cov)
+    if form == "scale_tril":
+        return chol
+    eye = jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype), cov.shape)
+    return jax.scipy.linalg.cho_solve((chol, True), eye)
+
+
+def _precision(value: jax.Array, form: str) -> jax.Array:
+    if form == "precision_matrix":
+        return value
+    if form == "scale_tril":
+        eye = jnp.broadcast_to(jnp.eye(value.shape[-1], dtype=value.dtype), value.shape)
+        return jax.scipy.linalg.cho_solve((value, True), eye)
+    return jnp.linalg.inv(value)
+
+
+class CategoricalFamily(Family):
+    r"""``Categorical(probs)``: counts :math:`c_k = \sum w [x = k]`.
+
+    M step :math:`p_k \propto c_k`; with a ``Dirichlet(alpha)`` prior on a global site,
+    the posterior mode :math:`p_k \propto \max(N c_k + \alpha_k - 1, 0)`.
+    """
+
+    name = "Categorical"
+    dist_types = (dist.CategoricalProbs,)
+    role_event_ndim = {"probs": 1}
+    conjugate_priors = {"probs": (dist.Dirichlet,)}
+
+    def roles(self, base):
+        return {"probs": ("probs", base.probs)}
+
+    def suff_stats(self, value, weight, consts):
+        num = consts["num_categories"]
+        onehot = jax.nn.one_hot(value, num, dtype=weight.dtype)
+        return {"counts": contract_data(weight[..., None], onehot)}
+
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+        g, nb = groups["probs"]
+        counts = segment_sum(num_data * stats["counts"], g, nb)
+        total = counts.sum(-1)
+        if priors.get("probs") is not None:
+            counts = jnp.maximum(counts + priors["probs"]["concentration"] - 1.0, 0.0)
+            total = jnp.full_like(total, jnp.inf)
+        norm = counts.sum(-1, keepdims=True)
+        new = counts / jnp.where(norm > 0, norm, 1.0)
+        return {"probs": _keep(total, new, current["probs"], options.min_count)}
+
+
+class _CountRateFamily(Family):
+    """Shared statistics of the one-parameter families: ``n = sum w``, ``s1 = sum w x``."""
+
+    role = ""
+
+    def roles(self, base):
+        return {self.role: (self.role, getattr(base, self.role))}
+
+    def suff_stats(self, value, weight, consts):
+        return {"n": contract_data(weight), "s1": contract_data(weight, value)}
+
+    def _pooled(self, stats, groups, num_data):
+        g, nb = groups[self.role]
+        n = segment_sum(num_data * stats["n"], g, nb)
+        s1 = segment_sum(num_data * stats["s1"], g, nb)
+        return n, s1
+
+
+class BernoulliFamily(_CountRateFamily):
+    r"""``Bernoulli(probs)``: :math:`p = s_1/n`; ``Beta(a, b)`` prior:
+    :math:`p = (N s_1 + a - 1)/(N n + a + b - 2)`."""
+
+    name = "Bernoulli"
+    dist_types = (dist.BernoulliProbs,)
+    role = "probs"
+    role_event_ndim = {"probs": 0}
+    conjugate_priors = {"probs": (dist.Beta,)}
+    center_roles = ("probs",)
+
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+        n, s1 = self._pooled(stats, groups, num_data)
+        count = n
+        if priors.get("probs") is not None:
+            a, b = priors["probs"]["concentration1"], priors["probs"]["concentration0"]
+            s1, n = s1 + a - 1.0, n + a + b - 2.0
+            count = jnp.full_like(count, jnp.inf)
+        p = jnp.clip(s1 / jnp.where(n > 0, n, 1.0), options.prob_eps, 1.0 - options.prob_eps)
+        return {"probs": _keep(count, p, current["probs"], options.min_count)}
+
+    def from_centers(self, role, centers, options):
+        return jnp.clip(centers, 0.05, 0.95)
+
+
+class PoissonFamily(_CountRateFamily):
+    r"""``Poisson(rate)``: :math:`\lambda = s_1/n`; ``Gamma(a, b)`` prior:
+    :math:`\lambda = (N s_1 + a - 1)/(N n + b)`."""
+
+    name = "Poisson"
+    dist_types = (dist.Poisson,)
+    role = "rate"
+    role_event_ndim = {"rate": 0}
+    conjugate_priors = {"rate": (dist.Gamma,)}
+    center_roles = ("rate",)
+
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+        n, s1 = self._pooled(stats, groups, num_data)
+        count = n
+        if priors.get("rate") is not None:
+            a, b = priors["rate"]["concentration"], priors["rate"]["rate"]
+            s1, n = s1 + a - 1.0, n + b
+            count = jnp.full_like(count, jnp.inf)
+        rate = jnp.maximum(s1 / jnp.where(n > 0, n, 1.0), options.prob_eps)
+        return {"rate": _keep(count, rate, current["rate"], options.min_count)}
+
+    def from_centers(self, role, centers, options):
+        return centers + 0.5
+
+
+class ExponentialFamily(_CountRateFamily):
+    r"""``Exponential(rate)``: :math:`\lambda = n/s_1`; ``Gamma(a, b)`` prior:
+    :math:`\lambda = (N n + a - 1)/(N s_1 + b)`."""
+
+    name = "Exponential"
+    dist_types = (dist.Exponential,)
+    role = "rate"
+    role_event_ndim = {"rate": 0}
+    conjugate_priors = {"rate": (dist.Gamma,)}
+    center_roles = ("rate",)
+
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+        n, s1 = self._pooled(stats, groups, num_data)
+        count = n
+        if priors.get("rate") is not None:
+            a, b = priors["rate"]["concentration"], priors["rate"]["rate"]
+            n, s1 = n + a - 1.0, s1 + b
+            count = jnp.full_like(count, jnp.inf)
+        rate = jnp.maximum(n / jnp.where(s1 > 0, s1, 1.0), options.prob_eps)
+        return {"rate": _keep(count, rate, current["rate"], options.min_count)}
+
+    def from_centers(self, role, centers, options):
+        return 1.0 / jnp.maximum(centers, options.prob_eps)
+
+
+FAMILIES: tuple[Family, ...] = (
+    NormalFamily(),
+    MultivariateNormalFamily(),
+    CategoricalFamily(),
+    BernoulliFamily(),
+    PoissonFamily(),
+    ExponentialFamily(),
+)
+
+
+def find_family(base: Any) -> Family | None:
+    """The registry entry for a (base) distribution, or ``None``."""
+    for fam in FAMILIES:
+        if type(base) in fam.dist_types:
+            return fam
+    return None

@@ -1,0 +1,386 @@
+"""Choosing the M step of every estimated site, automatically, at ``init``.
+
+A site gets the closed-form M step when it is used *directly* as a parameter of a
+registered exponential family (:mod:`numpyro_onlineem.mstep.expfam`), possibly indexed
+by enumerated latents or broadcast: ``Normal(locs[z], scales[z])``,
+``Categorical(weights)``, ``MultivariateNormal(locs[z], covariance_matrix=cov)``.
+
+The use is recognised by running the model on *probe* values, never by reading its
+source:
+
+1. every estimated element gets a distinct integer id; the ids that arrive in a
+   distribution's arguments give the gather map from parameter elements to positions;
+2. random valid values then check that the argument really is that gather (and not,
+   say, ``2 * locs[z]``);
+3. perturbing one site at a time finds every place it enters, so a site used in any
+   way the closed form does not cover is reported instead of silently mis-fitted.
+
+Every position of a site is then assigned a *cell*: the distinct combination of
+parameter blocks it reads. Statistics are accumulated per cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro.distributions.transforms import biject_to
+
+from numpyro_onlineem.model import ModelSites, data_plate_frame, enum_trace
+from numpyro_onlineem.mstep.expfam import Family, find_family
+from numpyro_onlineem.validation import InputSpec, describe_inputs
+
+
+class SitePlan(NamedTuple):
+    """How one local site feeds the closed-form M step.
+
+    Attributes
+    ----------
+    site : str
+    family : Family
+    data_axis : int
+        Axis of the data plate in the site's grid (log-prob shape + reinterpreted dims).
+    attrs : dict[str, str]
+        Role -> distribution attribute it is read from.
+    learned : dict[str, str]
+        Role -> estimated site name, for the roles the M step updates.
+    cell_ids : numpy.ndarray or None
+        Cell of every grid position off the data axis (flattened); ``None`` when the
+        cells are those positions in order.
+    num_cells : int
+    groups : dict[str, tuple]
+        Role -> (cell -> parameter block index, number of blocks).
+    block_maps : dict[str, numpy.ndarray]
+        Role -> parameter block index at every grid position off the data axis.
+    priors : dict[str, str | None]
+        Role -> global site whose prior is conjugate to it (``None`` for ``param``).
+    """
+
+    site: str
+    family: Family
+    data_axis: int
+    attrs: dict
+    learned: dict
+    cell_ids: np.ndarray | None
+    num_cells: int
+    groups: dict
+    block_maps: dict
+    priors: dict
+
+
+class Plan:
+    """The M-step plan of a model: one :class:`SitePlan` per contributing site.
+
+    Static (no arrays of the state): it travels in :class:`OnlineEMState` as pytree
+    metadata, so ``jit`` sees it as part of the function, and it compares by identity.
+
+    Attributes
+    ----------
+    sites : tuple of SitePlan
+    paths : dict[str, str]
+        For each estimated site, which M step it takes, in words.
+    model_sites : ModelSites
+        The site classification the plan was made for.
+    default_burn_in : float
+        Points before the first M step unless the user sets it: ``max(20, 10 K)``,
+        ``K`` the largest number of states of an enumerated site.
+    input_spec : InputSpec
+        Shapes of the model's arguments at init, against which batches are checked.
+    """
+
+    def __init__(
+        self,
+        sites: tuple,
+        paths: dict,
+        model_sites: ModelSites,
+        default_burn_in: float,
+        input_spec: InputSpec | None = None,
+    ):
+        self.sites = sites
+        self.paths = paths
+        self.model_sites = model_sites
+        self.default_burn_in = default_burn_in
+        self.input_spec = input_spec
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}: {v}" for k, v in self.paths.items())
+        return f"Plan({body})"
+
+
+class UnsupportedModelError(ValueError):
+    """The model uses an estimated site in a way no available M step covers."""
+
+
+def unwrap(fn: dist.Distribution) -> dist.Distribution:
+    """Strip ``Independent`` and ``ExpandedDistribution`` wrappers."""
+    while isinstance(fn, dist.Independent | dist.ExpandedDistribution):
+        fn = fn.base_dist
+    return fn
+
+
+def _array_attrs(fn, prefix="") -> dict:
+    out = {}
+    for key, val in vars(fn).items():
+        if isinstance(val, dist.Distribution):
+            out.update(_array_attrs(val, prefix))
+        elif not key.startswith("_") and isinstance(val, jax.Array | np.ndarray | float):
+            out[prefix + key] = np.asarray(val)
+    return out
+
+
+def site_grid(site: dict) -> tuple[tuple, dist.Distribution]:
+    """(grid shape, base distribution): the grid is the log-prob shape followed by the
+    event dims that wrappers reinterpreted; every role broadcasts over it."""
+    fn = site["fn"]
+    value = site["value"]
+    batch = jnp.broadcast_shapes(
+        tuple(fn.batch_shape), jnp.shape(value)[: jnp.ndim(value) - fn.event_dim]
+    )
+    base = unwrap(fn)
+    extra = tuple(fn.event_shape)[: len(fn.event_shape) - len(base.event_shape)]
+    return tuple(batch) + extra, base
+
+
+def _random_valid(shape, constraint, key, dtype):
+    try:
+        transform = biject_to(constraint)
+    except NotImplementedError as e:
+        raise UnsupportedModelError(f"no bijection to the support {constraint}") from e
+    unconstrained = transform.inverse_shape(shape)
+    return np.asarray(transform(0.5 * jax.random.normal(key, unconstrained, dtype)))
+
+
+def make_plan(
+    model: Callable,
+    sites: ModelSites,
+    params: dict,
+    args: tuple,
+    kwargs: dict,
+) -> Plan:
+    """Recognise the closed-form M step of every estimated site (see module docstring).
+
+    Raises
+    ------
+    UnsupportedModelError
+        Naming the site and the reason, when a site enters the model in a way no
+        closed form covers.
+    """
+    dtype = jnp.result_type(float)
+    names = list(sites.params)
+    ids, rand_a, rand_b, base = {}, {}, {}, {}
+    offset = 1
+    keys = jax.random.split(jax.random.PRNGKey(20091), 2 * max(len(names), 1))
+    for i, name in enumerate(names):
+        ps = sites.params[name]
+        size = int(np.prod(ps.shape, dtype=int))
+        base[name] = offset
+        ids[name] = (offset + np.arange(size)).reshape(ps.shape).astype(dtype)
+        offset += size
+        try:
+            rand_a[name] = _random_valid(ps.shape, ps.constraint, keys[2 * i], dtype)
+            rand_b[name] = _random_valid(ps.shape, ps.constraint, keys[2 * i + 1], dtype)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"OnlineEM: site '{name}': {e}.") from e
+    if offset > 2 ** (jnp.finfo(dtype).nmant + 1):
+        raise UnsupportedModelError(
+            "OnlineEM: too many estimated elements to recognise the model in "
+            f"{jnp.dtype(dtype).name}; enable float64 with jax_enable_x64."
+        )
+
+    def run(values):
+        tr = enum_trace(model, sites, values, args, kwargs)
+        return tr, {s["name"]: _array_attrs(s["fn"]) for s in tr.values() if s["type"] == "sample"}
+
+    tr_id, _ = run(ids)
+    tr_a, attrs_a = run(rand_a)
+    deps = {}
+    for name in names:
+        _, attrs_j = run({**rand_a, name: rand_b[name]})
+        deps[name] = {
+            (s, a)
+            for s, arrs in attrs_a.items()
+            for a, v in arrs.items()
+            if a in attrs_j.get(s, {})
+            and (
+                v.shape != attrs_j[s][a].shape or not np.allclose(v, attrs_j[s][a], equal_nan=True)
+            )
+        }
+
+    site_plans, uses = [], {name: [] for name in names}
+    for sname in sites.local:
+        site_id, site_a = tr_id[sname], tr_a[sname]
+        grid, base_id = site_grid(site_id)
+        family = find_family(base_id)
+        if family is None:
+            continue
+        data_axis = _data_axis(site_id, data_plate_frame(site_id, sites.data_plate).dim)
+        roles_id = family.roles(base_id)
+        roles_a = family.roles(unwrap(site_a["fn"]))
+        attrs, learned, block_maps, nblocks = {}, {}, {}, {}
+        for role, (attr, arr_id) in roles_id.items():
+            attrs[role] = attr
+            used_by = [n for n in names if any((sname, a) in deps[n] for a in family.attrs(role))]
+            if not used_by:
+                continue
+            if len(used_by) > 1:
+                raise UnsupportedModelError(
+                    f"OnlineEM: the {role} of {family.name} site '{sname}' combines "
+                    f"{used_by}; the closed-form M step needs each distribution argument "
+                    "to be one estimated site used directly (possibly indexed)."
+                )
+            pname = used_by[0]
+            ev = family.role_event_ndim[role]
+            role_event = tuple(np.shape(arr_id))[np.ndim(arr_id) - ev :] if ev else ()
+            block = _decode(
+                np.asarray(arr_id),
+                np.asarray(roles_a[role][1]),
+                grid,
+                role_event,
+                base[pname],
+                ids[pname],
+                rand_a[pname],
+            )
+            if block is None:
+                raise UnsupportedModelError(
+                    f"OnlineEM: site '{pname}' enters the {role} of {family.name} site "
+                    f"'{sname}' through a transformation. The closed-form M step needs it "
+                    f"used directly, possibly indexed by the enumerated latent (e.g. "
+                    f"{pname}[z]); a numerical M step for other uses is planned."
+                )
+            if not np.all(block == np.take(block, [0], axis=data_axis)):
+                raise UnsupportedModelError(
+                    f"OnlineEM: site '{pname}' is indexed by the data index in site "
+                    f"'{sname}'; estimated sites must be shared by all data points."
+                )
+            block_maps[role] = np.take(block, 0, axis=data_axis)
+            nblocks[role] = int(np.prod(sites.params[pname].shape, dtype=int)) // int(
+                np.prod(role_event, dtype=int)
+            )
+            learned[role] = pname
+            uses[pname].append((sname, role, family))
+        if not learned:
+            continue
+        stacked = np.stack([block_maps[r].reshape(-1) for r in learned], axis=-1)
+        cells, first, inverse = np.unique(stacked, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        groups = {r: (cells[:, i].astype(np.int32), nblocks[r]) for i, r in enumerate(learned)}
+        if family.name == "MultivariateNormal" and "loc" in learned:
+            if len(np.unique(groups["loc"][0])) != len(cells):
+                raise UnsupportedModelError(
+                    f"OnlineEM: MultivariateNormal site '{sname}' ties one location across "
+                    "several covariances; give each component its own location."
+                )
+        identity = len(cells) == len(inverse) and np.array_equal(inverse, np.arange(len(inverse)))
+        site_plans.append(
+            SitePlan(
+                site=sname,
+                family=family,
+                data_axis=data_axis,
+                attrs=attrs,
+                learned=learned,
+                cell_ids=None if identity else inverse.astype(np.int32),
+                num_cells=len(cells),
+                groups=groups,
+                block_maps=block_maps,
+                priors={},
+            )
+        )
+
+    paths = {}
+    for name in names:
+        ps = sites.params[name]
+        covered = {(s, a) for s, role, fam in uses[name] for a in fam.attrs(role)}
+        stray = sorted(deps[name] - covered)
+        if stray:
+            s, a = stray[0]
+            raise UnsupportedModelError(
+                f"OnlineEM: site '{name}' enters site '{s}' (argument '{a}') in a way the "
+                "closed-form M step does not recognise. It must be used directly as a "
+                "parameter of a supported family (Normal, MultivariateNormal, Categorical, "
+                "Bernoulli, Poisson, Exponential), possibly indexed by the enumerated "
+                "latent. A numerical M step for other uses is planned."
+            )
+        if len(uses[name]) > 1:
+            where = [f"{s}.{r}" for s, r, _ in uses[name]]
+            raise UnsupportedModelError(
+                f"OnlineEM: site '{name}' is used in several places ({where}); the "
+                "closed-form M step supports one use per estimated site."
+            )
+        if not uses[name]:
+            paths[name] = "unused by the data: kept at its initial value"
+            continue
+        sname, role, fam = uses[name][0]
+        path = f"closed form: {fam.name} {role} of site '{sname}'"
+        if ps.kind == "global":
+            prior_fn = unwrap(tr_a[name]["fn"])
+            allowed = fam.conjugate_priors.get(role, ())
+            if type(prior_fn) not in allowed:
+                raise UnsupportedModelError(
+                    f"OnlineEM: global site '{name}' has a {type(prior_fn).__name__} prior, "
+                    f"which has no closed-form posterior mode as the {role} of "
+                    f"{fam.name}. Conjugate choices: "
+                    f"{[t.__name__ for t in allowed] or 'none'}; or declare it with "
+                    "numpyro.param for maximum likelihood."
+                )
+            hyper = [n for n in names if any(s == name for s, _ in deps[n])]
+            if hyper:
+                raise UnsupportedModelError(
+                    f"OnlineEM: the prior of '{name}' depends on {hyper}; hierarchical "
+                    "priors have no closed-form M step."
+                )
+            for sp in site_plans:
+                if sp.site == sname:
+                    sp.priors[role] = name
+            path += f", posterior mode under its {type(prior_fn).__name__} prior"
+        else:
+            path += ", maximum likelihood"
+        paths[name] = path
+    cardinalities = [
+        int(tr_id[n]["fn"].enumerate_support(expand=False).shape[0]) for n in sites.enumerated
+    ]
+    default_burn_in = float(max([20] + [10 * k for k in cardinalities]))
+    return Plan(tuple(site_plans), paths, sites, default_burn_in, describe_inputs(args, kwargs))
+
+
+def _data_axis(site: dict, plate_dim: int) -> int:
+    fn, value = site["fn"], site["value"]
+    batch = jnp.broadcast_shapes(
+        tuple(fn.batch_shape), jnp.shape(value)[: jnp.ndim(value) - fn.event_dim]
+    )
+    return len(batch) + plate_dim
+
+
+def _decode(arr_id, arr_a, grid, role_event, base, ids, rand_a):
+    """Gather map from parameter blocks to grid positions, or ``None`` if ``arr`` is not
+    a gather of the parameter."""
+    target = tuple(grid) + tuple(role_event)
+    try:
+        a = np.broadcast_to(arr_id, target)
+        b = np.broadcast_to(arr_a, target)
+    except ValueError:
+        return None
+    r = np.rint(a)
+    if not np.all(np.isfinite(a)) or not np.allclose(a, r, rtol=0, atol=1e-3):
+        return None
+    idx = r.astype(np.int64) - base
+    if idx.min() < 0 or idx.max() >= ids.size:
+        return None
+    if not np.allclose(b, rand_a.reshape(-1)[idx], rtol=1e-5, atol=1e-6):
+        return None
+    if not role_event:
+        return idx
+    size = int(np.prod(role_event))
+    flat = idx.reshape(tuple(grid) + (size,))
+    first = flat[..., :1]
+    if not (np.all(flat == first + np.arange(size)) and np.all(first % size == 0)):
+        return None
+    if tuple(ids.shape[len(ids.shape) - len(role_event) :]) != tuple(role_event):
+        return None
+    return first[..., 0] // size
+
+
+jax.tree_util.register_pytree_node(Plan, lambda p: ((), p), lambda aux, _: aux)

@@ -1,0 +1,82 @@
+"""State and diagnostics of online EM: immutable NamedTuple pytrees."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+
+class OnlineEMState(NamedTuple):
+    r"""Everything online EM carries from one mini-batch to the next.
+
+    Its size depends on the model only, never on how much data has been seen.
+
+    Attributes
+    ----------
+    params : dict[str, Array]
+        Current estimates :math:`\theta_n` of every ``numpyro.param`` and global latent
+        site, in constrained space (the shapes the model declares).
+    stats : dict[str, dict[str, Array]]
+        Running averages :math:`\hat s_n` of the expected sufficient statistics per
+        datum, keyed by observed or latent site, then by statistic; leading axis: cells.
+    averaged : dict[str, Array]
+        Polyak–Ruppert average of ``params`` (equal to ``params`` when averaging is off
+        or has not started). :meth:`OnlineEM.get_params` returns it.
+    count : Array, int32, shape ()
+        Number of updates applied.
+    num_seen : Array, float, shape ()
+        Number of data points seen by ``update`` (plus those of ``init``).
+    rng_key : Array
+        PRNG key, split by operations that need randomness.
+    plan : Plan
+        Static M-step plan (pytree metadata, not an array).
+    """
+
+    params: dict
+    stats: dict
+    averaged: dict
+    count: jax.Array
+    num_seen: jax.Array
+    rng_key: jax.Array
+    plan: object
+
+
+class UpdateInfo(NamedTuple):
+    """Diagnostics of one update, kept apart from the state.
+
+    Attributes
+    ----------
+    loss : Array, shape ()
+        Negative log marginal likelihood of the batch per datum, under the parameters
+        before the update.
+    step_size : Array, shape ()
+        Step :math:`\\gamma_n` applied to the statistics.
+    m_step : Array, bool, shape ()
+        Whether the M step ran (False during burn-in).
+    nonfinite : Array, bool, shape ()
+        True when the E or M step produced a non-finite value; the update was then
+        skipped and the state returned unchanged.
+    """
+
+    loss: jax.Array
+    step_size: jax.Array
+    m_step: jax.Array
+    nonfinite: jax.Array
+
+
+class OnlineEMRunResult(NamedTuple):
+    """What :meth:`OnlineEM.run` returns.
+
+    Attributes
+    ----------
+    params : dict[str, Array]
+        ``get_params`` of the final state.
+    state : OnlineEMState
+    losses : Array, shape (num_updates,)
+        The loss of every update, in order.
+    """
+
+    params: dict
+    state: OnlineEMState
+    losses: jax.Array
