@@ -15,7 +15,7 @@ from numpyro_onlineem.initialization import INIT_MODES, data_driven_init
 from numpyro_onlineem.model import classify_sites, enum_trace, trace_model
 from numpyro_onlineem.mstep.expfam import MStepOptions
 from numpyro_onlineem.mstep.plan import make_plan
-from numpyro_onlineem.schedules import Schedule, as_schedule, robbins_monro
+from numpyro_onlineem.schedules import Schedule, as_schedule
 from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState, UpdateInfo
 from numpyro_onlineem.validation import check_inputs
 
@@ -39,15 +39,21 @@ class OnlineEM:
         A NumPyro model; its arguments are the data of one mini-batch.
     step_size : float or callable, optional
         A constant step, or an optax-style schedule ``count -> step``. Default:
-        :func:`~numpyro_onlineem.schedules.robbins_monro` with ``kappa=0.6``.
+        :func:`~numpyro_onlineem.schedules.robbins_monro` with an exponent chosen from
+        the number of statistics per component ``m`` (see ``Plan.default_kappa``):
+        ``kappa=0.6`` when ``m <= 1000`` (scalar, diagonal and small full covariances),
+        ``kappa=1`` above (full covariances in dozens of dimensions and up).
     burn_in : float, optional
         Data points to accumulate before the first M step (statistics are their exact
         running mean). Default: ``max(20, 10 K)`` with ``K`` the largest number of
-        states of an enumerated site.
-    polyak : bool or int
-        Polyak–Ruppert averaging of the parameters (what :meth:`get_params` returns).
-        ``True`` starts it at update ``polyak_start``; an int is that update. ``False``
-        (default) reports the last iterate.
+        states of an enumerated site, and at least ``2 K D`` for a ``D``-dimensional
+        full covariance.
+    polyak : bool, optional
+        Polyak–Ruppert averaging of the parameters (what :meth:`get_params` returns),
+        from update ``polyak_start`` on. Default: on together with ``kappa=0.6``, off
+        with ``kappa=1`` (where averaging a slowly moving iterate only adds its past).
+    polyak_start : int
+        Update from which the average starts.
     polyak_eta : float
         Polynomial-decay averaging (``0``: plain mean of the iterates since the start;
         larger values forget early iterates faster).
@@ -78,7 +84,7 @@ class OnlineEM:
         *,
         step_size: float | Schedule | None = None,
         burn_in: float | None = None,
-        polyak: bool | int = False,
+        polyak: bool | None = None,
         polyak_start: int = 100,
         polyak_eta: float = 0.0,
         init: str = "auto",
@@ -95,21 +101,18 @@ class OnlineEM:
             raise ValueError(f"OnlineEM: reg_covar must be >= 0, got {reg_covar}.")
         if chunk_size < 1:
             raise ValueError(f"OnlineEM: chunk_size must be >= 1, got {chunk_size}.")
-        if polyak is True:
-            start = polyak_start
-        elif polyak is False or polyak is None:
-            start = None
-        else:
-            start = int(polyak)
+        if polyak_start < 0:
+            raise ValueError(f"OnlineEM: polyak_start must be >= 0, got {polyak_start}.")
         self.model = model
         self.init_mode = init
         self.data_plate = data_plate
         self.chunk_size = int(chunk_size)
         self.config = core.Config(
             model=model,
-            schedule=robbins_monro(0.6, 2.0) if step_size is None else as_schedule(step_size),
+            schedule=None if step_size is None else as_schedule(step_size),
             burn_in=None if burn_in is None else float(burn_in),
-            polyak_start=start,
+            polyak=None if polyak is None else bool(polyak),
+            polyak_start=int(polyak_start),
             polyak_eta=float(polyak_eta),
             options=MStepOptions(reg_covar=float(reg_covar), min_count=float(min_count)),
         )

@@ -23,7 +23,7 @@ from numpyro_onlineem.estep.enumerate import e_step, num_data
 from numpyro_onlineem.model import ModelSites, enum_trace
 from numpyro_onlineem.mstep.expfam import MStepOptions
 from numpyro_onlineem.mstep.plan import Plan, site_grid, unwrap
-from numpyro_onlineem.schedules import Schedule
+from numpyro_onlineem.schedules import Schedule, robbins_monro
 from numpyro_onlineem.state import OnlineEMState, UpdateInfo
 
 
@@ -33,14 +33,16 @@ class Config(NamedTuple):
     Attributes
     ----------
     model : callable
-    schedule : callable
-        ``count -> step size`` after burn-in.
+    schedule : callable or None
+        ``count -> step size`` after burn-in; ``None``: the plan's default
+        (:attr:`Plan.default_kappa`).
     burn_in : float or None
         Points to see before the first M step; until then statistics are the exact
-        running mean of everything seen. ``None``: the plan's default,
-        ``max(20, 10 K)`` for ``K`` the largest number of enumerated states.
-    polyak_start : int or None
-        Update from which parameters are averaged; ``None`` switches averaging off.
+        running mean of everything seen. ``None``: :attr:`Plan.default_burn_in`.
+    polyak : bool or None
+        Polyak–Ruppert averaging of the parameters; ``None``: the plan's default.
+    polyak_start : int
+        Update from which parameters are averaged.
     polyak_eta : float
         Polynomial-decay averaging weight (Shamir & Zhang 2013):
         :math:`\\bar\\theta_k = \\bar\\theta_{k-1} + \\frac{\\eta+1}{k+\\eta}(\\theta_k -
@@ -49,9 +51,10 @@ class Config(NamedTuple):
     """
 
     model: Callable
-    schedule: Schedule
+    schedule: Schedule | None
     burn_in: float | None
-    polyak_start: int | None
+    polyak: bool | None
+    polyak_start: int
     polyak_eta: float
     options: MStepOptions
 
@@ -176,17 +179,19 @@ def update(
     dtype = state.num_seen.dtype
     seen = state.num_seen + batch_size
     burn_in = plan.default_burn_in if config.burn_in is None else config.burn_in
+    schedule = config.schedule or robbins_monro(plan.default_kappa)
+    polyak = plan.default_polyak if config.polyak is None else config.polyak
     in_burn_in = seen <= burn_in
     gamma = jnp.where(
         in_burn_in,
         batch_size / seen,
-        jnp.asarray(config.schedule(state.count), dtype),
+        jnp.asarray(schedule(state.count), dtype),
     ).astype(dtype)
     stats = jax.tree.map(lambda s, b: s + gamma.astype(s.dtype) * (b - s), state.stats, batch)
     proposed = m_step(config, plan, state.params, stats, total_size, trace)
     params = jax.tree.map(lambda new, old: jnp.where(in_burn_in, old, new), proposed, state.params)
 
-    if config.polyak_start is None:
+    if not polyak:
         averaged = params
     else:
         k = (state.count - config.polyak_start + 1).astype(dtype)

@@ -29,28 +29,44 @@ from numpyro_onlineem.mstep.plan import Plan, site_grid
 INIT_MODES = ("auto", "kmeans++", "model")
 
 
-def kmeans_pp(rng_key: jax.Array, x: jax.Array, k: int, num_iters: int = 10) -> jax.Array:
-    r"""k-means++ seeding (Arthur & Vassilvitskii 2007) followed by Lloyd iterations.
+def kmeans_pp(
+    rng_key: jax.Array,
+    x: jax.Array,
+    k: int,
+    num_iters: int = 50,
+    num_restarts: int = 3,
+) -> jax.Array:
+    r"""Greedy k-means++ seeding followed by Lloyd iterations; the best of a few restarts.
 
-    Each new centre is drawn with probability :math:`\propto D(x)^2`, the squared distance
-    to the nearest centre so far.
+    Each new centre is the best (lowest inertia) of :math:`2 + \lfloor\ln k\rfloor`
+    candidates drawn with probability :math:`\propto D(x)^2`, the squared distance to the
+    nearest centre so far (Arthur & Vassilvitskii 2007; scikit-learn's default seeding).
 
     Parameters
     ----------
     rng_key : PRNGKey
     x : Array, shape (n, p)
     k : int
-        Number of centres. With fewer than ``k`` distinct points, the centres repeat
-        points and are jittered by 1e-3 of the data's spread.
+        Number of centres. With fewer than ``k`` points, centres repeat points and are
+        jittered by 1e-3 of the data's spread.
     num_iters : int
         Lloyd iterations after seeding.
+    num_restarts : int
+        Independent seedings; the one with the lowest inertia is returned.
 
     Returns
     -------
     Array, shape (k, p)
     """
     x = jnp.asarray(x)
+    keys = jax.random.split(rng_key, num_restarts)
+    centers, inertia = jax.vmap(lambda key: _kmeans_once(key, x, k, num_iters))(keys)
+    return centers[jnp.argmin(inertia)]
+
+
+def _kmeans_once(rng_key, x, k, num_iters):
     n = x.shape[0]
+    trials = 2 + int(np.log(max(k, 1)))
     key0, key_seed, key_jit = jax.random.split(rng_key, 3)
     first = jax.random.randint(key0, (), 0, n)
     centers = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
@@ -61,24 +77,27 @@ def kmeans_pp(rng_key: jax.Array, x: jax.Array, k: int, num_iters: int = 10) -> 
         key, sub = jax.random.split(key)
         total = d2.sum()
         p = jnp.where(total > 0, d2 / jnp.where(total > 0, total, 1.0), 1.0 / n)
-        j = jax.random.choice(sub, n, p=p)
-        centers = centers.at[i].set(x[j])
-        d2 = jnp.minimum(d2, jnp.sum((x - x[j]) ** 2, -1))
-        return centers, d2, key
+        cand = jax.random.choice(sub, n, (trials,), p=p)
+        cand_d2 = jnp.minimum(d2[None], jnp.sum((x[None] - x[cand][:, None]) ** 2, -1))
+        best = jnp.argmin(cand_d2.sum(-1))
+        return centers.at[i].set(x[cand[best]]), cand_d2[best], key
 
     centers, _, _ = jax.lax.fori_loop(1, k, seed, (centers, d2, key_seed))
 
+    def sq_dist(centers):
+        return jnp.sum(x * x, -1)[:, None] - 2.0 * x @ centers.T + jnp.sum(centers**2, -1)[None]
+
     def lloyd(_, centers):
-        dist2 = jnp.sum((x[:, None, :] - centers[None]) ** 2, -1)
-        assign = jax.nn.one_hot(jnp.argmin(dist2, -1), k, dtype=x.dtype)
+        assign = jax.nn.one_hot(jnp.argmin(sq_dist(centers), -1), k, dtype=x.dtype)
         counts = assign.sum(0)
         means = assign.T @ x / jnp.where(counts > 0, counts, 1.0)[:, None]
         return jnp.where(counts[:, None] > 0, means, centers)
 
     centers = jax.lax.fori_loop(0, num_iters, lloyd, centers)
+    inertia = jnp.sum(jnp.min(sq_dist(centers), -1))
     spread = jnp.std(x, 0) + 1e-12
     jitter = 1e-3 * spread * jax.random.normal(key_jit, centers.shape, x.dtype)
-    return jnp.where(n < k, centers + jitter, centers)
+    return jnp.where(n < k, centers + jitter, centers), inertia
 
 
 def data_driven_init(

@@ -96,6 +96,10 @@ class Family:
         """Role name -> (distribution attribute name, array)."""
         raise NotImplementedError
 
+    def num_stats(self, base: dist.Distribution) -> int:
+        """Number of scalar statistics per cell."""
+        return 2
+
     def attrs(self, role: str) -> tuple:
         """Attribute names of the distribution that are functions of ``role``."""
         return (role,)
@@ -128,6 +132,9 @@ class NormalFamily(Family):
 
     def roles(self, base):
         return {"loc": ("loc", base.loc), "scale": ("scale", base.scale)}
+
+    def num_stats(self, base):
+        return 3
 
     def suff_stats(self, value, weight, consts):
         x = value - consts["loc"] if "loc" in consts else value
@@ -195,6 +202,10 @@ class MultivariateNormalFamily(Family):
     def attrs(self, role):
         return self._forms if role == "cov" else (role,)
 
+    def num_stats(self, base):
+        d = base.event_shape[-1]
+        return 1 + d + d * d
+
     def suff_stats(self, value, weight, consts):
         x = value - consts["loc"] if "loc" in consts else value
         w = weight[..., None]
@@ -230,14 +241,20 @@ class MultivariateNormalFamily(Family):
             d = s1.shape[-1]
             cov = num / jnp.where(den > 0, den, 1.0)[:, None, None]
             cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2)) + options.reg_covar * jnp.eye(d)
-            out["cov"] = _keep(den, _from_cov(cov, attrs["cov"]), current["cov"], options.min_count)
+            chol = jnp.linalg.cholesky(cov)
+            # a block whose estimate is not positive definite (fewer points than
+            # dimensions, round-off) keeps its current value
+            valid = jnp.all(jnp.isfinite(chol), axis=(-2, -1))
+            count = jnp.where(valid, den, 0.0)
+            out["cov"] = _keep(
+                count, _from_cov(cov, chol, attrs["cov"]), current["cov"], options.min_count
+            )
         return out
 
 
-def _from_cov(cov: jax.Array, form: str) -> jax.Array:
+def _from_cov(cov: jax.Array, chol: jax.Array, form: str) -> jax.Array:
     if form == "covariance_matrix":
         return cov
-    chol = jnp.linalg.cholesky(cov)
     if form == "scale_tril":
         return chol
     eye = jnp.broadcast_to(jnp.eye(cov.shape[-1], dtype=cov.dtype), cov.shape)
@@ -267,6 +284,9 @@ class CategoricalFamily(Family):
 
     def roles(self, base):
         return {"probs": ("probs", base.probs)}
+
+    def num_stats(self, base):
+        return base.probs.shape[-1]
 
     def suff_stats(self, value, weight, consts):
         num = consts["num_categories"]

@@ -87,9 +87,22 @@ class Plan:
         The site classification the plan was made for.
     default_burn_in : float
         Points before the first M step unless the user sets it: ``max(20, 10 K)``,
-        ``K`` the largest number of states of an enumerated site.
+        ``K`` the largest number of states of an enumerated site, and at least
+        ``2 K D`` when a ``D``-dimensional full covariance is estimated (about two
+        points per dimension and component).
     input_spec : InputSpec
         Shapes of the model's arguments at init, against which batches are checked.
+    stats_per_component : float
+        Number of sufficient statistics per component ``m`` (all statistics over the
+        largest number of enumerated states ``K``).
+    default_kappa : float
+        Step-size exponent used unless the user gives a schedule: ``0.6`` when
+        ``m <= 1000``, else ``1.0``. Statistics of many dimensions per component (full
+        covariances) need a long averaging window: their M step is a nonlinear function
+        of noisy statistics (a matrix inverse), and a short window leaves it biased.
+    default_polyak : bool
+        Averaging is on with ``kappa=0.6`` (it removes the iterates' noise) and off with
+        ``kappa=1`` (the statistics are already a running mean).
     """
 
     def __init__(
@@ -99,12 +112,16 @@ class Plan:
         model_sites: ModelSites,
         default_burn_in: float,
         input_spec: InputSpec | None = None,
+        stats_per_component: float = 0.0,
     ):
         self.sites = sites
         self.paths = paths
         self.model_sites = model_sites
         self.default_burn_in = default_burn_in
         self.input_spec = input_spec
+        self.stats_per_component = stats_per_component
+        self.default_kappa = 0.6 if stats_per_component <= 1000 else 1.0
+        self.default_polyak = self.default_kappa < 1.0
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}: {v}" for k, v in self.paths.items())
@@ -342,8 +359,25 @@ def make_plan(
     cardinalities = [
         int(tr_id[n]["fn"].enumerate_support(expand=False).shape[0]) for n in sites.enumerated
     ]
-    default_burn_in = float(max([20] + [10 * k for k in cardinalities]))
-    return Plan(tuple(site_plans), paths, sites, default_burn_in, describe_inputs(args, kwargs))
+    k_max = max(cardinalities or [1])
+    # a full covariance needs more points than dimensions before its first M step
+    full_dims = [
+        int(np.shape(unwrap(tr_id[sp.site]["fn"]).loc)[-1])
+        for sp in site_plans
+        if "cov" in sp.learned
+    ]
+    default_burn_in = float(max([20, 10 * k_max] + [2 * k_max * d for d in full_dims]))
+    total_stats = sum(
+        sp.num_cells * sp.family.num_stats(unwrap(tr_id[sp.site]["fn"])) for sp in site_plans
+    )
+    return Plan(
+        tuple(site_plans),
+        paths,
+        sites,
+        default_burn_in,
+        describe_inputs(args, kwargs),
+        stats_per_component=total_stats / k_max,
+    )
 
 
 def _data_axis(site: dict, plate_dim: int) -> int:
