@@ -116,10 +116,11 @@ class OnlineEM:
             polyak_eta=float(polyak_eta),
             options=MStepOptions(reg_covar=float(reg_covar), min_count=float(min_count)),
         )
-        self._update = jax.jit(functools.partial(_update, self.config))
-        self._scan = jax.jit(functools.partial(_scan, self.config))
-        self._loglik = jax.jit(functools.partial(_loglik, self.config))
-        self._marginals = jax.jit(functools.partial(_marginals, self.config))
+        jit = functools.partial(jax.jit, static_argnums=(2,))
+        self._update_jit = jit(functools.partial(_update, self.config))
+        self._scan_jit = jit(functools.partial(_scan, self.config))
+        self._loglik_jit = jit(functools.partial(_loglik, self.config))
+        self._marginals_jit = jit(functools.partial(_marginals, self.config))
 
     # ------------------------------------------------------------------ init
     def init(
@@ -194,7 +195,7 @@ class OnlineEM:
     ) -> tuple[OnlineEMState, UpdateInfo]:
         """:meth:`update`, returning the full :class:`UpdateInfo` diagnostics."""
         check_inputs(state.plan.input_spec, args, kwargs, "update")
-        return self._update(state, args, kwargs)
+        return self._update_jit(state, *_split(args, kwargs))
 
     def get_params(self, state: OnlineEMState) -> dict:
         """Constrained estimates of every ``numpyro.param`` and global latent site (the
@@ -210,13 +211,13 @@ class OnlineEM:
         r"""Marginal log-likelihood :math:`\log p(x_i \mid \hat\theta)` of each datum of the
         data plate, shape ``(batch,)``, at :meth:`get_params`."""
         check_inputs(state.plan.input_spec, args, kwargs, "log_likelihood")
-        return self._loglik(state, args, kwargs)
+        return self._loglik_jit(state, *_split(args, kwargs))
 
     def compute_marginals(self, state: OnlineEMState, *args: Any, **kwargs: Any) -> dict:
         """Posterior marginals of the enumerated sites at :meth:`get_params`:
         ``{name: (batch, K) probabilities}``."""
         check_inputs(state.plan.input_spec, args, kwargs, "compute_marginals")
-        return self._marginals(state, args, kwargs)
+        return self._marginals_jit(state, *_split(args, kwargs))
 
     # ------------------------------------------------------------------- run
     def run(
@@ -278,21 +279,20 @@ class OnlineEM:
                     if buffer:
                         state = self._flush(state, buffer, losses, bar)
                         buffer = []
-                    state = self._flush_stacked(state, ((item.data,), {}), losses, bar)
+                    _, static = _split((item.data[0],), {})
+                    state = self._scan_chunk(state, [item.data], static, losses, bar)
                     continue
                 args, kwargs = _as_call(item)
                 if state is None:
                     state = self.init(rng_key, *args, init_params=init_params, **kwargs)
                 args = _single_point_to_batch(state.plan.input_spec, args)
-                sig = (
-                    jax.tree.structure((args, kwargs)),
-                    tuple(np.shape(x) for x in jax.tree.leaves((args, kwargs))),
-                )
+                arrays, static = _split(args, kwargs)
+                sig = (static, tuple(np.shape(a) for a in arrays))
                 if buffer and (sig != signature or len(buffer) == self.chunk_size):
                     state = self._flush(state, buffer, losses, bar)
                     buffer = []
                 check_inputs(state.plan.input_spec, args, kwargs, "run")
-                buffer.append((args, kwargs))
+                buffer.append((arrays, static))
                 signature = sig
             if buffer:
                 state = self._flush(state, buffer, losses, bar)
@@ -305,14 +305,15 @@ class OnlineEM:
         return OnlineEMRunResult(self.get_params(state), state, losses)
 
     def _flush(self, state, buffer, losses, bar):
+        static = buffer[0][1]
         if len(buffer) == 1:
-            state, info = self._update(state, *buffer[0])
+            state, info = self._update_jit(state, buffer[0][0], static)
             return self._record(info.loss[None], losses, bar, state)
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *buffer)
-        return self._flush_stacked(state, stacked, losses, bar)
+        stacked = [jnp.stack(column) for column in zip(*(b[0] for b in buffer), strict=True)]
+        return self._scan_chunk(state, stacked, static, losses, bar)
 
-    def _flush_stacked(self, state, stacked, losses, bar):
-        state, infos = self._scan(state, stacked)
+    def _scan_chunk(self, state, stacked, static, losses, bar):
+        state, infos = self._scan_jit(state, stacked, static)
         return self._record(infos.loss, losses, bar, state)
 
     @staticmethod
@@ -324,23 +325,49 @@ class OnlineEM:
         return state
 
 
-def _update(config, state, args, kwargs):
+class _StaticArgs(NamedTuple):
+    """The non-array part of the model's arguments (hashable: compiled into the update)."""
+
+    treedef: Any
+    is_array: tuple
+    values: tuple
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[list, _StaticArgs]:
+    """Arrays are traced; Python scalars, strings and None (``K=3``) stay static."""
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    is_array = tuple(isinstance(leaf, jax.Array | np.ndarray | np.generic) for leaf in leaves)
+    arrays = [leaf for leaf, a in zip(leaves, is_array, strict=True) if a]
+    values = tuple(None if a else leaf for leaf, a in zip(leaves, is_array, strict=True))
+    return arrays, _StaticArgs(treedef, is_array, values)
+
+
+def _merge(arrays: list, static: _StaticArgs) -> tuple[tuple, dict]:
+    it = iter(arrays)
+    leaves = [next(it) if a else v for a, v in zip(static.is_array, static.values, strict=True)]
+    return jax.tree.unflatten(static.treedef, leaves)
+
+
+def _update(config, state, arrays, static):
+    args, kwargs = _merge(arrays, static)
     return core.update(config, state, args, kwargs)
 
 
-def _scan(config, state, stacked):
+def _scan(config, state, arrays, static):
     def body(s, batch):
-        args, kwargs = batch
+        args, kwargs = _merge(batch, static)
         return core.update(config, s, args, kwargs)
 
-    return jax.lax.scan(body, state, stacked)
+    return jax.lax.scan(body, state, arrays)
 
 
-def _loglik(config, state, args, kwargs):
+def _loglik(config, state, arrays, static):
+    args, kwargs = _merge(arrays, static)
     return core.log_likelihood(config, state.plan.model_sites, state.averaged, args, kwargs)
 
 
-def _marginals(config, state, args, kwargs):
+def _marginals(config, state, arrays, static):
+    args, kwargs = _merge(arrays, static)
     return core.marginals(config, state.plan.model_sites, state.averaged, args, kwargs)
 
 

@@ -84,6 +84,13 @@ def check_inputs(spec: InputSpec | None, args: tuple, kwargs: dict, where: str) 
                 f"{expect}. Every batch must keep the trailing shape; a single point is "
                 f"a batch of one: reshape it to (1, {', '.join(map(str, trailing))})."
             )
+    known = {name for name, _ in spec.statics} | {name for name, _, _ in spec.arrays}
+    for name, val in found.items():
+        if name not in known and not _is_array(val):
+            raise ValueError(
+                f"OnlineEM.{where}: argument {name} = {val!r} was not given at init; the "
+                "model's structure is fixed at init: pass the same arguments to both."
+            )
     for name, val in spec.statics:
         if name in found and not _is_tracer(found[name]) and found[name] != val:
             raise ValueError(

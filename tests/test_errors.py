@@ -1,0 +1,112 @@
+"""Bad input gets a ValueError naming the argument, the shape and the fix; the state
+passed in stays usable and unchanged."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.distributions import constraints
+
+from numpyro_onlineem import OnlineEM, UnsupportedModelError
+from tests.models import gmm_diag
+
+
+@pytest.fixture
+def fitted(rng):
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    em = OnlineEM(gmm_diag)
+    state = em.init(jax.random.PRNGKey(0), x[:30])
+    state, _ = em.update(state, x[30:])
+    return em, state, x
+
+
+def _assert_same(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize(
+    "batch,match",
+    [
+        (np.full((5, 4), np.nan, np.float32), r"args\[0\] \(shape \(5, 4\)\) has 20 non-finite"),
+        (np.ones((5, 3), np.float32), r"args\[0\] has shape \(5, 3\), but init saw \(batch, 4\)"),
+        (np.ones((0, 4), np.float32), r"args\[0\] is an empty batch \(shape \(0, 4\)\)"),
+        (np.ones((4,), np.float32), r"reshape it to \(1, 4\)"),
+    ],
+)
+def test_update_rejects_bad_batches(fitted, batch, match):
+    em, state, x = fitted
+    before = jax.tree.map(np.array, state)
+    with pytest.raises(ValueError, match=match):
+        em.update(state, batch)
+    _assert_same(state, before)
+    # the state is still usable
+    state2, loss = em.update(state, x[:10])
+    assert np.isfinite(loss)
+
+
+def test_init_rejects_non_finite(rng):
+    x = rng.normal(size=(10, 2))
+    x[3, 1] = np.inf
+    with pytest.raises(ValueError, match=r"first at index \(3, 1\): inf"):
+        OnlineEM(gmm_diag).init(jax.random.PRNGKey(0), x)
+
+
+def test_static_argument_change_is_rejected(fitted, rng):
+    em, state, x = fitted
+    with pytest.raises(ValueError, match="argument args\\[1\\] = 4 was not given at init"):
+        em.update(state, x, 4)
+    state = em.init(jax.random.PRNGKey(0), x, 3)
+    with pytest.raises(ValueError, match="argument args\\[1\\] is 4 but was 3 at init"):
+        em.update(state, x, 4)
+
+
+def test_continuous_local_latent_is_named(rng):
+    def model(x):
+        loc = numpyro.param("loc", 0.0)
+        with numpyro.plate("data", x.shape[0]):
+            u = numpyro.sample("u", dist.Normal(loc, 1.0))
+            numpyro.sample("obs", dist.Normal(u, 1.0), obs=x)
+
+    with pytest.raises(NotImplementedError, match="site 'u' is a continuous latent"):
+        OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=10))
+
+
+def test_transformed_parameter_is_named(rng):
+    def model(x):
+        locs = numpyro.param("locs", jnp.zeros(2))
+        log_scale = numpyro.param("log_scale", jnp.zeros(2))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+            numpyro.sample("obs", dist.Normal(locs[z], jnp.exp(log_scale[z])), obs=x)
+
+    with pytest.raises(UnsupportedModelError, match="'log_scale' enters the scale of Normal"):
+        OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=10))
+
+
+def test_parameter_in_unsupported_family_is_named(rng):
+    def model(x):
+        shape = numpyro.param("shape", 2.0, constraint=constraints.positive)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("obs", dist.Gamma(shape, 1.0), obs=x)
+
+    with pytest.raises(UnsupportedModelError, match="'shape' enters site 'obs'"):
+        OnlineEM(model).init(jax.random.PRNGKey(0), rng.uniform(1, 2, size=10))
+
+
+def test_no_plate_is_explained(rng):
+    def model(x):
+        loc = numpyro.param("loc", 0.0)
+        numpyro.sample("obs", dist.Normal(loc, 1.0).expand([x.shape[0]]).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match="do not share a numpyro.plate"):
+        OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=10))
+
+
+def test_unknown_options_are_rejected():
+    with pytest.raises(TypeError):
+        OnlineEM(gmm_diag, learning_rate=0.1)
+    with pytest.raises(ValueError, match="init must be one of"):
+        OnlineEM(gmm_diag, init="random")

@@ -1,0 +1,67 @@
+"""Every script in ``examples/`` runs with tiny arguments, and what it returns is right."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_streaming_gmm(module, result, out):
+    online, batch, truth = result["online"], result["batch"], result["truth"]
+    # well-separated components (16 apart, unit noise): both fits find the truth
+    assert batch["heldout_ll"] > result["truth_ll"] - 0.1
+    assert online["heldout_ll"] > batch["heldout_ll"] - 0.15
+    assert batch["mean_dist"] < 0.35
+    assert online["mean_dist"] < 0.5
+    perm = module.match_components(online["params"]["locs"], truth["locs"])
+    np.testing.assert_allclose(online["params"]["weights"][perm], truth["weights"], atol=0.05)
+    np.testing.assert_allclose(online["params"]["scales"][perm], truth["scales"], rtol=0.25)
+    # the example's own NumPy log-likelihood agrees with OnlineEM.log_likelihood
+    assert online["heldout_ll"] == pytest.approx(online["package_heldout_ll"], rel=1e-5)
+    for row in ("online EM", "batch EM", "truth"):
+        assert row in out
+
+
+# name -> (tiny command-line arguments, check of main's result and printed output)
+EXAMPLES = {
+    "streaming_gmm": (
+        # 300 points for init, 700 one at a time, 7 batches of 100
+        "--num-points 1700 --init-points 300 --dim 8 --components 3 --test-points 500 "
+        "--no-progress".split(),
+        check_streaming_gmm,
+    ),
+}
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES_DIR.glob("*.py")), ids=lambda p: p.stem)
+def test_example_runs(path, capsys):
+    if path.stem not in EXAMPLES:
+        pytest.fail(
+            f"examples/{path.name} has no smoke test: add its tiny arguments and a check "
+            "to EXAMPLES in tests/test_examples.py."
+        )
+    argv, check = EXAMPLES[path.stem]
+    module = load_example(path.stem)
+    result = module.main(module.parse_args(argv))
+    check(module, result, capsys.readouterr().out)
+
+
+def test_match_components_recovers_a_permutation():
+    module = load_example("streaming_gmm")
+    rng = np.random.default_rng(0)
+    for k in (3, 9):  # exhaustive search, then greedy
+        true = rng.normal(size=(k, 4)) * 10
+        perm = rng.permutation(k)
+        est = np.empty_like(true)
+        est[perm] = true + 0.1 * rng.normal(size=true.shape)
+        np.testing.assert_array_equal(module.match_components(est, true), perm)

@@ -1,0 +1,93 @@
+"""Numerics: empty components stay valid, dtypes follow jax_enable_x64, and the E step
+matches closed-form posteriors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal, norm
+
+from numpyro_onlineem import OnlineEM
+from tests.models import gmm_diag, gmm_full
+
+
+def test_component_without_responsibility_keeps_valid_state(rng):
+    x = rng.normal(size=(2000, 2)).astype(np.float32)
+    init = {
+        "locs": np.array([[0.0, 0.0], [0.5, 0.5], [1e3, 1e3]]),
+        "scales": np.ones((3, 2)),
+        "weights": np.ones(3) / 3,
+    }
+    em = OnlineEM(gmm_diag, init="model", burn_in=0)
+    state = em.init(jax.random.PRNGKey(0), x[:100], init_params=init)
+    for i in range(1, 20):
+        state, loss = em.update(state, x[100 * i : 100 * (i + 1)])
+        assert np.isfinite(loss)
+    p = em.get_params(state)
+    np.testing.assert_array_equal(p["locs"][2], [1e3, 1e3])  # never saw data: kept
+    np.testing.assert_array_equal(p["scales"][2], [1.0, 1.0])
+    assert float(p["weights"][2]) < 1e-6
+    for leaf in jax.tree.leaves(state):
+        assert np.all(np.isfinite(leaf))
+
+
+def test_single_point_component_has_variance_floor(x64):
+    """A component that owns one point gets variance reg_covar, never zero."""
+    x = np.array([[0.0], [0.1], [-0.1], [50.0]])
+    em = OnlineEM(gmm_diag, step_size=1.0, burn_in=0, init="model", reg_covar=1e-3)
+    init = {
+        "locs": np.array([[0.0], [50.0]]),
+        "scales": np.ones((2, 1)),
+        "weights": np.array([0.5, 0.5]),
+    }
+    state = em.init(jax.random.PRNGKey(0), x, 2, init_params=init)
+    state, _ = em.update(state, x, 2)
+    np.testing.assert_allclose(em.get_params(state)["scales"][1, 0] ** 2, 1e-3, rtol=1e-6)
+
+
+def test_full_covariance_with_fewer_points_than_dims_stays_positive_definite(rng):
+    x = rng.normal(size=(30, 20)).astype(np.float32)
+    em = OnlineEM(gmm_full, burn_in=0, step_size=1.0, reg_covar=0.0)
+    state = em.init(jax.random.PRNGKey(0), x, 3)
+    state, loss = em.update(state, x, 3)
+    covs = np.asarray(em.get_params(state)["covs"], np.float64)
+    assert np.all(np.linalg.eigvalsh(covs) > 0)
+    assert np.isfinite(loss)
+
+
+def test_float32_by_default_and_float64_with_x64(rng):
+    x = rng.normal(size=(50, 2))
+    state = OnlineEM(gmm_diag).init(jax.random.PRNGKey(0), x)
+    assert all(v.dtype == jnp.float32 for v in state.params.values())
+    with jax.enable_x64(True):
+        state = OnlineEM(gmm_diag).init(jax.random.PRNGKey(0), x)
+        assert all(v.dtype == jnp.float64 for v in state.params.values())
+
+
+def test_marginals_and_log_likelihood_match_closed_form(rng, x64):
+    x = rng.normal(size=(40, 2)) * 2
+    init = {
+        "locs": np.array([[-1.0, 0.0], [1.0, 0.5], [0.0, 2.0]]),
+        "scales": np.array([[1.0, 0.5], [0.7, 1.2], [2.0, 1.0]]),
+        "weights": np.array([0.2, 0.5, 0.3]),
+    }
+    em = OnlineEM(gmm_diag, init="model")
+    state = em.init(jax.random.PRNGKey(0), x, init_params=init)
+    logp = np.log(init["weights"]) + norm.logpdf(
+        x[:, None], init["locs"][None], init["scales"][None]
+    ).sum(-1)
+    np.testing.assert_allclose(em.log_likelihood(state, x), logsumexp(logp, 1), rtol=1e-10)
+    resp = np.exp(logp - logsumexp(logp, 1, keepdims=True))
+    np.testing.assert_allclose(em.compute_marginals(state, x)["z"], resp, atol=1e-10)
+
+
+def test_loss_is_negative_mean_log_likelihood_before_update(rng, x64):
+    x = rng.normal(size=(30, 3))
+    em = OnlineEM(gmm_full)
+    state = em.init(jax.random.PRNGKey(0), x[:10])
+    p = state.params
+    logp = np.log(np.asarray(p["weights"])) + np.stack(
+        [multivariate_normal(p["locs"][k], p["covs"][k]).logpdf(x[10:]) for k in range(3)], 1
+    )
+    _, loss = em.update(state, x[10:])
+    np.testing.assert_allclose(loss, -logsumexp(logp, 1).mean(), rtol=1e-10)

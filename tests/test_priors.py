@@ -1,0 +1,124 @@
+"""Global sites with conjugate priors: the M step is the closed-form posterior mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.distributions import constraints
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+from numpyro_onlineem import OnlineEM, UnsupportedModelError
+
+
+def gmm_dirichlet(x, K=3, alpha=3.0, size=None):
+    weights = numpyro.sample("weights", dist.Dirichlet(alpha * jnp.ones(K)))
+    locs = numpyro.param("locs", jnp.zeros((K, x.shape[-1])))
+    scales = numpyro.param("scales", jnp.ones((K, x.shape[-1])), constraint=constraints.positive)
+    n = x.shape[0] if size is None else size
+    with numpyro.plate("data", n, subsample_size=x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("obs", dist.Normal(locs[z], scales[z]).to_event(1), obs=x)
+
+
+def _responsibilities(x, weights, locs, scales):
+    logp = np.log(weights) + norm.logpdf(x[:, None], locs[None], scales[None]).sum(-1)
+    return np.exp(logp - logsumexp(logp, 1, keepdims=True))
+
+
+def _data(rng, n=500):
+    centers = np.array([[-3.0, 0.0], [0.0, 3.0], [3.0, 0.0]])
+    z = rng.choice(3, n, p=[0.6, 0.3, 0.1])
+    return centers[z] + rng.normal(size=(n, 2)), centers
+
+
+@pytest.mark.parametrize("total", [None, 5000])
+def test_dirichlet_map_equals_posterior_mode(rng, x64, total):
+    """One full-data step with gamma = 1: weights = (N r_k + alpha - 1) / (N + K alpha - K),
+    with N the data plate's size (``subsample_size`` makes N the stream's total)."""
+    x, centers = _data(rng)
+    alpha, k = 3.0, 3
+    init = {"weights": np.array([0.2, 0.3, 0.5]), "locs": centers + 0.3, "scales": np.ones((3, 2))}
+    em = OnlineEM(gmm_dirichlet, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x, 3, alpha, total, init_params=init)
+    assert "posterior mode under its Dirichlet prior" in em.mstep_paths(state)["weights"]
+    state, _ = em.update(state, x, 3, alpha, total)
+    r = _responsibilities(x, init["weights"], init["locs"], init["scales"])
+    n = len(x) if total is None else total
+    expected = (n * r.mean(0) + alpha - 1) / (n + k * alpha - k)
+    np.testing.assert_allclose(em.get_params(state)["weights"], expected, rtol=1e-8)
+
+
+def test_dirichlet_map_fixed_point(rng, x64):
+    """Iterated to convergence, the weights satisfy the MAP fixed-point equation."""
+    x, centers = _data(rng, 200)
+    alpha = 5.0
+    em = OnlineEM(gmm_dirichlet, step_size=1.0, burn_in=0, init="model")
+    state = em.init(
+        jax.random.PRNGKey(0), x, 3, alpha, init_params={"locs": centers, "weights": np.ones(3) / 3}
+    )
+    for _ in range(200):
+        state, _ = em.update(state, x, 3, alpha)
+    p = em.get_params(state)
+    r = _responsibilities(
+        x, np.asarray(p["weights"]), np.asarray(p["locs"]), np.asarray(p["scales"])
+    )
+    expected = (r.sum(0) + alpha - 1) / (len(x) + 3 * alpha - 3)
+    np.testing.assert_allclose(p["weights"], expected, rtol=1e-6)
+
+
+def test_normal_prior_on_locations_shrinks_to_posterior_mode(rng, x64):
+    """loc ~ Normal(m0, s0): mu = (m0/s0^2 + sum_i r_ik x_i / sigma^2) / (1/s0^2 + n_k/sigma^2)."""
+
+    def model(x):
+        K = 2
+        locs = numpyro.sample("locs", dist.Normal(jnp.array([[1.0], [-1.0]]), 0.5).to_event(2))
+        scales = numpyro.param("scales", jnp.ones((K, 1)), constraint=constraints.positive)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.array([0.5, 0.5])))
+            numpyro.sample("obs", dist.Normal(locs[z], scales[z]).to_event(1), obs=x)
+
+    x = np.concatenate([rng.normal(4.0, 1.0, 20), rng.normal(-4.0, 1.0, 20)])[:, None]
+    init = {"locs": np.array([[3.0], [-3.0]]), "scales": np.array([[2.0], [1.5]])}
+    em = OnlineEM(model, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x, init_params=init)
+    state, _ = em.update(state, x)
+    r = _responsibilities(x, np.array([0.5, 0.5]), init["locs"], init["scales"])
+    s2 = init["scales"][:, 0] ** 2
+    m0, p0 = np.array([1.0, -1.0]), 1 / 0.25
+    expected = (m0 * p0 + (r * x).sum(0) / s2) / (p0 + r.sum(0) / s2)
+    np.testing.assert_allclose(em.get_params(state)["locs"][:, 0], expected, rtol=1e-8)
+
+
+def test_beta_bernoulli_and_gamma_poisson_modes(rng, x64):
+    """Single-component models (no latent): MAP = closed-form posterior mode."""
+
+    def model(x, y):
+        p = numpyro.sample("p", dist.Beta(3.0, 2.0))
+        rate = numpyro.sample("rate", dist.Gamma(4.0, 2.0))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("x", dist.Bernoulli(p), obs=x)
+            numpyro.sample("y", dist.Poisson(rate), obs=y)
+
+    x = (rng.uniform(size=50) < 0.3).astype(float)
+    y = rng.poisson(2.5, size=50).astype(float)
+    em = OnlineEM(model, step_size=1.0, burn_in=0)
+    state = em.init(jax.random.PRNGKey(0), x, y)
+    state, _ = em.update(state, x, y)
+    p = em.get_params(state)
+    np.testing.assert_allclose(p["p"], (x.sum() + 3 - 1) / (50 + 3 + 2 - 2), rtol=1e-8)
+    np.testing.assert_allclose(p["rate"], (y.sum() + 4 - 1) / (50 + 2), rtol=1e-8)
+
+
+def test_non_conjugate_prior_is_reported(rng):
+    def model(x):
+        locs = numpyro.param("locs", jnp.zeros((2, 1)))
+        scales = numpyro.sample("scales", dist.HalfCauchy(jnp.ones((2, 1))).to_event(2))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.array([0.5, 0.5])))
+            numpyro.sample("obs", dist.Normal(locs[z], scales[z]).to_event(1), obs=x)
+
+    with pytest.raises(UnsupportedModelError, match="'scales' has a HalfCauchy prior"):
+        OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=(10, 1)))
