@@ -163,7 +163,7 @@ class OnlineEM:
         plan = make_plan(self.model, sites, params, args, kwargs)
         if self.init_mode != "model":
             etrace = enum_trace(self.model, sites, params, args, kwargs)
-            params, _ = data_driven_init(
+            params, report = data_driven_init(
                 key_init,
                 plan,
                 params,
@@ -172,6 +172,8 @@ class OnlineEM:
                 frozenset(init_params),
                 self.config.options,
             )
+            for name, what in report.items():
+                plan.paths[name] += f"; initial value {what}"
         return core.init_state(self.config, plan, params, key_state, args, kwargs)
 
     # ---------------------------------------------------------------- update

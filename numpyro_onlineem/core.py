@@ -13,11 +13,13 @@ size :math:`N` against the priors of global sites.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from numpyro_onlineem.estep.enumerate import e_step, num_data
 from numpyro_onlineem.model import ModelSites, enum_trace
@@ -66,7 +68,7 @@ def _align(arr: jax.Array, ndim: int) -> jax.Array:
 
 def batch_statistics(
     config: Config, plan: Plan, params: dict, args: tuple, kwargs: dict
-) -> tuple[jax.Array, dict, int, float]:
+) -> tuple[jax.Array, dict, int, float, OrderedDict]:
     """E step on one batch.
 
     Returns
@@ -77,7 +79,9 @@ def batch_statistics(
         Site -> statistic -> array of shape ``(num_cells, ...)``: the batch mean of the
         expected sufficient statistics.
     batch_size, total_size : int, float
+        Points in the batch, and in the data plate (``N`` of a subsampled plate).
     trace : OrderedDict
+        The enumerated trace (the M step reads the priors' hyperparameters from it).
     """
     sites = plan.model_sites
     trace = enum_trace(config.model, sites, params, args, kwargs)
@@ -98,9 +102,7 @@ def batch_statistics(
                 consts[role] = _align(arr, nd + fam.role_event_ndim[role])
         moved = [jnp.moveaxis(a, sp.data_axis, 0) for a in (w, value)]
         consts = {k: jnp.moveaxis(v, sp.data_axis, 0) for k, v in consts.items()}
-        if fam.name == "Categorical":
-            consts["num_categories"] = fam.roles(base)["probs"][1].shape[-1]
-        raw = fam.suff_stats(moved[1], moved[0], consts)
+        raw = fam.suff_stats(moved[1], moved[0], consts, base)
         rest = grid[: sp.data_axis] + grid[sp.data_axis + 1 :]
         out = {}
         for k, v in raw.items():
@@ -114,15 +116,12 @@ def batch_statistics(
 
 
 def _prior_blocks(fn, shape: tuple, role_event: tuple) -> dict:
-    base = unwrap(fn)
+    """Hyperparameters of a prior, broadcast over the estimated site's shape and cut into
+    its parameter blocks: ``{name: (num_blocks, *role_event)}``."""
     out = {}
-    for key, val in vars(base).items():
-        if key.startswith("_") or not hasattr(val, "shape") and not isinstance(val, float):
-            continue
-        arr = jnp.asarray(val)
-        # prior batch+event broadcasts over the estimated site's shape
-        arr = jnp.broadcast_to(arr, jnp.broadcast_shapes(arr.shape, shape))
-        out[key] = arr.reshape((-1,) + tuple(role_event))
+    for key, val in vars(unwrap(fn)).items():
+        if not key.startswith("_") and isinstance(val, jax.Array | np.ndarray | float | int):
+            out[key] = jnp.broadcast_to(val, shape).reshape((-1,) + tuple(role_event))
     return out
 
 

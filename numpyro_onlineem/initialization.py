@@ -116,7 +116,7 @@ def data_driven_init(
     params : dict
         Updated initial values.
     report : dict[str, str]
-        For each location-like site, what was done and why.
+        For each location-like site, where its initial value came from.
     """
     params, report = dict(params), {}
     if mode == "model":
@@ -128,7 +128,7 @@ def data_driven_init(
             if pname is None:
                 continue
             if pname in user_set:
-                report[pname] = "kept: given in init_params"
+                report[pname] = "given in init_params"
                 continue
             site = trace[sp.site]
             grid, _ = site_grid(site)
@@ -136,13 +136,13 @@ def data_driven_init(
             enum_axes = [i for i, s in enumerate(left) if s > 1]
             bm = sp.block_maps[role]
             if len(enum_axes) != 1:
-                report[pname] = "kept: not indexed by exactly one enumerated latent"
+                report[pname] = "from the model (not indexed by exactly one enumerated latent)"
                 continue
             axis = enum_axes[0]
             k = left[axis]
             bm_k = np.moveaxis(bm, axis, 0).reshape((k,) + bm.shape[len(left) :])
             if len(np.unique(bm_k)) != bm_k.size:
-                report[pname] = "kept: tied across components"
+                report[pname] = "from the model (tied across components)"
                 continue
             shape = plan.model_sites.params[pname].shape
             ev = fam.role_event_ndim[role]
@@ -150,27 +150,24 @@ def data_driven_init(
             blocks = np.array(params[pname]).reshape((-1,) + event)
             current = blocks[bm_k]
             if mode == "auto" and not np.all(current == current[:1]):
-                report[pname] = "kept: initial values differ across components"
+                report[pname] = "from the model (it differs across components)"
                 continue
-            value = jnp.asarray(site["value"])
             right_event = tuple(bm_k.shape[1:]) + event
-            npts = (
-                value.shape[value.ndim - len(right_event) - 1]
-                if value.ndim > len(right_event)
-                else 1
+            value = jnp.asarray(site["value"])
+            value = value.reshape(
+                (1,) * (len(grid) + fam.value_event_ndim - value.ndim) + value.shape
             )
-            try:
-                pts = jnp.broadcast_to(
-                    value, value.shape[: value.ndim - len(right_event)] + right_event
-                )
-                pts = pts.reshape((npts, -1))
-            except (ValueError, TypeError):
-                report[pname] = "kept: data shape does not match the component layout"
+            value = jnp.moveaxis(value, sp.data_axis, 0)
+            npts = value.shape[0]
+            if any(s != 1 for s in value.shape[1 : 1 + len(left)]):
+                report[pname] = "from the model (the data vary along enumerated dimensions)"
                 continue
+            value = value.reshape((npts,) + value.shape[1 + len(left) :])
+            pts = jnp.broadcast_to(value, (npts,) + right_event).reshape((npts, -1))
             rng_key, sub = jax.random.split(rng_key)
             centers = kmeans_pp(sub, pts.astype(blocks.dtype), k)
             centers = np.asarray(fam.from_centers(role, centers, options))
             blocks[bm_k] = centers.reshape((k,) + right_event)
             params[pname] = jnp.asarray(blocks.reshape(shape), dtype=params[pname].dtype)
-            report[pname] = f"k-means++ over {npts} points of the init batch"
+            report[pname] = f"from k-means++ over {npts} points of the init batch"
     return params, report

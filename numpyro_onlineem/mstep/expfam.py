@@ -5,8 +5,9 @@ Each family is one entry of :data:`FAMILIES`, with the same small interface:
 * ``roles(base)``: the distribution's parameter arrays, keyed by role, with the
   attribute each was read from (``MultivariateNormal`` reads its covariance from
   ``covariance_matrix``, ``precision_matrix`` or ``scale_tril``, as the model gave it).
-* ``suff_stats(value, weight, consts)``: the weighted statistics
-  :math:`\sum_i w_i\, T(x_i)`, summed over the data axis (axis 0).
+* ``suff_stats(value, weight, consts, base)``: the weighted statistics
+  :math:`\sum_i w_i\, T(x_i)`, summed over the data axis (axis 0); ``consts`` holds
+  the roles that are not estimated (absorbed into the statistics).
 * ``m_step(stats, groups, current, priors, num_data, options, attrs)``: the maximiser of
   :math:`N \langle s, \phi(\theta)\rangle - N\psi(\theta) + \log \pi(\theta)` over the
   learned roles, or its conditional maximiser role by role (ECM) where roles are
@@ -104,7 +105,7 @@ class Family:
         """Attribute names of the distribution that are functions of ``role``."""
         return (role,)
 
-    def suff_stats(self, value, weight, consts) -> dict:
+    def suff_stats(self, value, weight, consts, base) -> dict:
         raise NotImplementedError
 
     def m_step(self, stats, groups, current, priors, num_data, options) -> dict:
@@ -136,7 +137,7 @@ class NormalFamily(Family):
     def num_stats(self, base):
         return 3
 
-    def suff_stats(self, value, weight, consts):
+    def suff_stats(self, value, weight, consts, base):
         x = value - consts["loc"] if "loc" in consts else value
         w = weight / consts["scale"] ** 2 if "scale" in consts else weight
         return {
@@ -206,7 +207,7 @@ class MultivariateNormalFamily(Family):
         d = base.event_shape[-1]
         return 1 + d + d * d
 
-    def suff_stats(self, value, weight, consts):
+    def suff_stats(self, value, weight, consts, base):
         x = value - consts["loc"] if "loc" in consts else value
         w = weight[..., None]
         return {
@@ -288,8 +289,8 @@ class CategoricalFamily(Family):
     def num_stats(self, base):
         return base.probs.shape[-1]
 
-    def suff_stats(self, value, weight, consts):
-        num = consts["num_categories"]
+    def suff_stats(self, value, weight, consts, base):
+        num = base.probs.shape[-1]
         onehot = jax.nn.one_hot(value, num, dtype=weight.dtype)
         return {"counts": contract_data(weight[..., None], onehot)}
 
@@ -313,7 +314,7 @@ class _CountRateFamily(Family):
     def roles(self, base):
         return {self.role: (self.role, getattr(base, self.role))}
 
-    def suff_stats(self, value, weight, consts):
+    def suff_stats(self, value, weight, consts, base):
         return {"n": contract_data(weight), "s1": contract_data(weight, value)}
 
     def _pooled(self, stats, groups, num_data):
