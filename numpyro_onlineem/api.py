@@ -277,7 +277,6 @@ class OnlineEM:
                         first = (item.data[0],)
                         state = self.init(rng_key, *first, init_params=init_params)
                     check_inputs(state.plan.input_spec, (item.data[0],), {}, "run")
-                    check_inputs(None, (item.data,), {}, "run")
                     if buffer:
                         state = self._flush(state, buffer, losses, bar)
                         buffer = []
@@ -411,6 +410,7 @@ def _array_chunks(data, batch_size: int, chunk_size: int):
     if batch_size < 1:
         raise ValueError(f"OnlineEM.run: batch_size must be >= 1, got {batch_size}.")
     data = jnp.asarray(data)
+    check_inputs(None, (data,), {}, "run")
     n = data.shape[0]
     num = n // batch_size
     full = data[: num * batch_size].reshape((num, batch_size) + data.shape[1:])

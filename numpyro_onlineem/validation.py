@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -32,6 +33,15 @@ def _is_array(x) -> bool:
 
 def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+def _all_finite(x) -> bool:
+    """Fast check, on the device for JAX arrays (no copy to the host)."""
+    if not np.issubdtype(x.dtype, np.inexact):
+        return True
+    if isinstance(x, jax.Array):
+        return bool(jnp.isfinite(x).all())
+    return bool(np.isfinite(x).all())
 
 
 def describe_inputs(args: tuple, kwargs: dict) -> InputSpec:
@@ -62,7 +72,7 @@ def check_inputs(spec: InputSpec | None, args: tuple, kwargs: dict, where: str) 
                 f"OnlineEM.{where}: argument {name} is an empty batch (shape {shape}); pass "
                 "at least one data point."
             )
-        if not _is_tracer(val) and np.issubdtype(np.asarray(val).dtype, np.inexact):
+        if not _is_tracer(val) and not _all_finite(val):
             bad = ~np.isfinite(np.asarray(val))
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0])
