@@ -38,7 +38,9 @@ class OnlineEM:
     model : callable
         A NumPyro model; its arguments are the data of one mini-batch.
     step_size : float or callable, optional
-        A constant step, or an optax-style schedule ``count -> step``. Default:
+        A constant step, or an optax-style schedule ``t -> step``, evaluated at ``t`` =
+        the number of batches of the current size seen before the update (the init
+        batch included; with a constant batch size, the update count plus one). Default:
         :func:`~numpyro_onlineem.schedules.robbins_monro` with an exponent chosen from
         the number of statistics per component ``m`` (see ``Plan.default_kappa``):
         ``kappa=0.6`` when ``m <= 1000`` (scalar, diagonal and small full covariances),
@@ -50,13 +52,12 @@ class OnlineEM:
         full covariance.
     polyak : bool, optional
         Polyak–Ruppert averaging of the parameters (what :meth:`get_params` returns),
-        from update ``polyak_start`` on. Default: on together with ``kappa=0.6``, off
-        with ``kappa=1`` (where averaging a slowly moving iterate only adds its past).
-    polyak_start : int
-        Update from which the average starts.
-    polyak_eta : float
-        Polynomial-decay averaging (``0``: plain mean of the iterates since the start;
-        larger values forget early iterates faster).
+        each iterate weighted by its batch's points, from ``polyak_start`` points on.
+        Default: on with the default schedule when ``kappa=0.6``, off with ``kappa=1``
+        (the statistics are already a running mean) and off with a user ``step_size``.
+    polyak_start : float, optional
+        Points to see before the average starts. Default: 100 burn-ins (``1000 K``
+        points for a mixture of ``K`` components).
     init : {"auto", "kmeans++", "model"}
         Data-driven initialisation of component locations; see
         :mod:`numpyro_onlineem.initialization`.
@@ -85,8 +86,7 @@ class OnlineEM:
         step_size: float | Schedule | None = None,
         burn_in: float | None = None,
         polyak: bool | None = None,
-        polyak_start: int = 100,
-        polyak_eta: float = 0.0,
+        polyak_start: float | None = None,
         init: str = "auto",
         reg_covar: float = 1e-6,
         min_count: float = 1e-6,
@@ -101,7 +101,7 @@ class OnlineEM:
             raise ValueError(f"OnlineEM: reg_covar must be >= 0, got {reg_covar}.")
         if chunk_size < 1:
             raise ValueError(f"OnlineEM: chunk_size must be >= 1, got {chunk_size}.")
-        if polyak_start < 0:
+        if polyak_start is not None and polyak_start < 0:
             raise ValueError(f"OnlineEM: polyak_start must be >= 0, got {polyak_start}.")
         self.model = model
         self.init_mode = init
@@ -112,8 +112,7 @@ class OnlineEM:
             schedule=None if step_size is None else as_schedule(step_size),
             burn_in=None if burn_in is None else float(burn_in),
             polyak=None if polyak is None else bool(polyak),
-            polyak_start=int(polyak_start),
-            polyak_eta=float(polyak_eta),
+            polyak_start=None if polyak_start is None else float(polyak_start),
             options=MStepOptions(reg_covar=float(reg_covar), min_count=float(min_count)),
         )
         jit = functools.partial(jax.jit, static_argnums=(2,))
@@ -241,7 +240,9 @@ class OnlineEM:
             Items are a batch array, a tuple of positional arguments, or an
             ``(args, kwargs)`` pair. A single point (one dimension fewer than the init
             batch) is a batch of one. An array with ``batch_size`` is cut into batches
-            along its first axis (a final partial batch is used too).
+            along its first axis (a final partial batch is used too). Without
+            ``init_state``, the first batch initialises (:meth:`init`) and the others
+            update, so every point is used once.
         batch_size : int, optional
             Required when ``stream`` is an array.
         progress_bar : bool
@@ -273,19 +274,23 @@ class OnlineEM:
         try:
             for item in stream:
                 if isinstance(item, _Chunk):
+                    chunk = item.data
                     if state is None:
-                        first = (item.data[0],)
-                        state = self.init(rng_key, *first, init_params=init_params)
-                    check_inputs(state.plan.input_spec, (item.data[0],), {}, "run")
+                        state = self.init(rng_key, chunk[0], init_params=init_params)
+                        chunk = chunk[1:]
+                        if not len(chunk):
+                            continue
+                    check_inputs(state.plan.input_spec, (chunk[0],), {}, "run")
                     if buffer:
                         state = self._flush(state, buffer, losses, bar)
                         buffer = []
-                    _, static = _split((item.data[0],), {})
-                    state = self._scan_chunk(state, [item.data], static, losses, bar)
+                    _, static = _split((chunk[0],), {})
+                    state = self._scan_chunk(state, [chunk], static, losses, bar)
                     continue
                 args, kwargs = _as_call(item)
                 if state is None:
                     state = self.init(rng_key, *args, init_params=init_params, **kwargs)
+                    continue
                 args = _single_point_to_batch(state.plan.input_spec, args)
                 arrays, static = _split(args, kwargs)
                 sig = (static, tuple(np.shape(a) for a in arrays))

@@ -36,19 +36,19 @@ class Config(NamedTuple):
     ----------
     model : callable
     schedule : callable or None
-        ``count -> step size`` after burn-in; ``None``: the plan's default
-        (:attr:`Plan.default_kappa`).
+        ``t -> step size`` after burn-in, evaluated at ``t`` = the number of batches
+        of the current size seen before the update (init batch included; with a
+        constant batch size, the update count plus one). ``None``: Robbins–Monro with
+        the plan's exponent (:attr:`Plan.default_kappa`).
     burn_in : float or None
         Points to see before the first M step; until then statistics are the exact
         running mean of everything seen. ``None``: :attr:`Plan.default_burn_in`.
     polyak : bool or None
-        Polyak–Ruppert averaging of the parameters; ``None``: the plan's default.
-    polyak_start : int
-        Update from which parameters are averaged.
-    polyak_eta : float
-        Polynomial-decay averaging weight (Shamir & Zhang 2013):
-        :math:`\\bar\\theta_k = \\bar\\theta_{k-1} + \\frac{\\eta+1}{k+\\eta}(\\theta_k -
-        \\bar\\theta_{k-1})`; ``0`` is the plain Polyak–Ruppert mean.
+        Polyak–Ruppert averaging of the parameters; ``None``: on with the default
+        schedule when :attr:`Plan.default_polyak` says so, off with a user schedule.
+    polyak_start : float or None
+        Points to see before the average starts; ``None``:
+        :attr:`Plan.default_polyak_start`.
     options : MStepOptions
     """
 
@@ -56,8 +56,7 @@ class Config(NamedTuple):
     schedule: Schedule | None
     burn_in: float | None
     polyak: bool | None
-    polyak_start: int
-    polyak_eta: float
+    polyak_start: float | None
     options: MStepOptions
 
 
@@ -178,28 +177,30 @@ def update(
     dtype = state.num_seen.dtype
     seen = state.num_seen + batch_size
     burn_in = plan.default_burn_in if config.burn_in is None else config.burn_in
-    schedule = config.schedule or robbins_monro(plan.default_kappa)
-    polyak = plan.default_polyak if config.polyak is None else config.polyak
     in_burn_in = seen <= burn_in
-    gamma = jnp.where(
-        in_burn_in,
-        batch_size / seen,
-        jnp.asarray(schedule(state.count), dtype),
-    ).astype(dtype)
+    # the schedule runs on the number of batches of this size seen before (the init
+    # batch included), so an update moves the statistics by the same amount whether
+    # the points before it came one at a time or in batches
+    schedule = config.schedule or robbins_monro(plan.default_kappa)
+    step = jnp.asarray(schedule(state.num_seen / batch_size), dtype)
+    gamma = jnp.minimum(jnp.where(in_burn_in, batch_size / seen, step), 1.0).astype(dtype)
     stats = jax.tree.map(lambda s, b: s + gamma.astype(s.dtype) * (b - s), state.stats, batch)
     proposed = m_step(config, plan, state.params, stats, total_size, trace)
     params = jax.tree.map(lambda new, old: jnp.where(in_burn_in, old, new), proposed, state.params)
 
-    if not polyak:
-        averaged = params
-    else:
-        k = (state.count - config.polyak_start + 1).astype(dtype)
-        eta = config.polyak_eta
-        weight = jnp.where(k >= 1, (eta + 1.0) / (k + eta), 1.0)
-        weight = jnp.where(in_burn_in, 1.0, jnp.minimum(weight, 1.0))
+    polyak = config.polyak
+    if polyak is None:
+        polyak = config.schedule is None and plan.default_polyak
+    if polyak:
+        # Polyak-Ruppert mean of the iterates, each weighted by its batch's points
+        start = plan.default_polyak_start if config.polyak_start is None else config.polyak_start
+        weight = jnp.where(seen > start, batch_size / jnp.maximum(seen - start, 1.0), 1.0)
+        weight = jnp.minimum(weight, 1.0)
         averaged = jax.tree.map(
             lambda a, p: a + weight.astype(p.dtype) * (p - a), state.averaged, params
         )
+    else:
+        averaged = params
 
     loss = -jnp.mean(loglik)
     finite = jnp.isfinite(loss)

@@ -19,6 +19,8 @@ Values passed as ``init_params`` to :meth:`OnlineEM.init` are never overridden.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +31,13 @@ from numpyro_onlineem.mstep.plan import Plan, site_grid
 INIT_MODES = ("auto", "kmeans++", "model")
 
 
+@functools.partial(jax.jit, static_argnames=("k", "num_iters", "num_restarts"))
 def kmeans_pp(
     rng_key: jax.Array,
     x: jax.Array,
     k: int,
     num_iters: int = 50,
-    num_restarts: int = 3,
+    num_restarts: int = 10,
 ) -> jax.Array:
     r"""Greedy k-means++ seeding followed by Lloyd iterations; the best of a few restarts.
 
@@ -165,7 +168,7 @@ def data_driven_init(
             value = value.reshape((npts,) + value.shape[1 + len(left) :])
             pts = jnp.broadcast_to(value, (npts,) + right_event).reshape((npts, -1))
             rng_key, sub = jax.random.split(rng_key)
-            centers = kmeans_pp(sub, pts.astype(blocks.dtype), k)
+            centers = kmeans_pp(sub, pts.astype(blocks.dtype), k=k)
             centers = np.asarray(fam.from_centers(role, centers, options))
             blocks[bm_k] = centers.reshape((k,) + right_event)
             params[pname] = jnp.asarray(blocks.reshape(shape), dtype=params[pname].dtype)

@@ -13,8 +13,9 @@ class               how it is recognised                         how it is fitte
 ``observed``        ``obs=`` given                               data
 ==================  ===========================================  =================
 
-The *data plate* is the plate that holds every observed site (the outermost one when
-several do). ``OnlineEM(..., data_plate="name")`` names it explicitly.
+The *data plate* is the plate that holds every observed site; when several do (a plate
+over features inside the one over data points), the one that also holds the discrete
+latents. ``OnlineEM(..., data_plate="name")`` names it explicitly.
 """
 
 from __future__ import annotations
@@ -103,6 +104,32 @@ def trace_model(
         return handlers.trace(fn).get_trace(*args, **kwargs)
 
 
+def _find_data_plate(sample_sites: list, observed: list) -> str:
+    """The plate shared by every observed site and every discrete latent inside it."""
+    common = None
+    for s in observed:
+        names = {f.name for f in _frames(s)}
+        common = names if common is None else common & names
+    if not common:
+        raise ValueError(
+            f"OnlineEM: observed sites {[s['name'] for s in observed]} do not share a "
+            "numpyro.plate. Wrap the data in `with numpyro.plate('data', N):` so that "
+            "the data points are conditionally independent."
+        )
+    if len(common) > 1:
+        # a per-datum discrete latent lives in the data plate but not in feature plates
+        for s in sample_sites:
+            names = {f.name for f in _frames(s)}
+            if not s["is_observed"] and s["fn"].has_enumerate_support and names & common:
+                common = common & names
+    if len(common) > 1:
+        raise ValueError(
+            f"OnlineEM: the observed sites share the plates {sorted(common)}; name the one "
+            "over data points with OnlineEM(model, data_plate=...)."
+        )
+    return next(iter(common))
+
+
 def classify_sites(trace: OrderedDict, data_plate: str | None = None) -> ModelSites:
     """Classify the sites of a model trace (see the module docstring).
 
@@ -121,17 +148,7 @@ def classify_sites(trace: OrderedDict, data_plate: str | None = None) -> ModelSi
             "numpyro.sample(..., obs=x) inside a numpyro.plate over the data points."
         )
     if data_plate is None:
-        common = None
-        for s in observed:
-            names = {f.name: f for f in _frames(s)}
-            common = names if common is None else {k: v for k, v in common.items() if k in names}
-        if not common:
-            raise ValueError(
-                f"OnlineEM: observed sites {[s['name'] for s in observed]} do not share a "
-                "numpyro.plate. Wrap the data in `with numpyro.plate('data', N):` so that "
-                "the data points are conditionally independent."
-            )
-        data_plate = min(common.values(), key=lambda f: f.dim).name
+        data_plate = _find_data_plate(sample_sites, observed)
 
     def in_plate(site):
         return any(f.name == data_plate for f in _frames(site))

@@ -110,3 +110,31 @@ def test_unknown_options_are_rejected():
         OnlineEM(gmm_diag, learning_rate=0.1)
     with pytest.raises(ValueError, match="init must be one of"):
         OnlineEM(gmm_diag, init="random")
+
+
+def _nested(x, K=2):
+    weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+    locs = numpyro.param("locs", jnp.zeros((K, x.shape[-1])))
+    with numpyro.plate("data", x.shape[0], dim=-2):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        with numpyro.plate("features", x.shape[-1], dim=-1):
+            numpyro.sample("obs", dist.Normal(locs[z.squeeze(-1)], 1.0), obs=x)
+
+
+def test_data_plate_is_the_one_holding_the_latents(rng):
+    x = rng.normal(size=(20, 3))
+    state = OnlineEM(_nested).init(jax.random.PRNGKey(0), x)
+    assert state.plan.model_sites.data_plate == "data"
+    assert OnlineEM(_nested).compute_marginals(state, x)["z"].shape == (20, 2)
+
+
+def test_ambiguous_data_plate_asks_for_a_name(rng):
+    def model(x):
+        loc = numpyro.param("loc", jnp.zeros(x.shape[-1]))
+        with numpyro.plate("data", x.shape[0], dim=-2), numpyro.plate("f", x.shape[-1], dim=-1):
+            numpyro.sample("obs", dist.Normal(loc, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match=r"share the plates \['data', 'f'\]"):
+        OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=(20, 3)))
+    state = OnlineEM(model, data_plate="data").init(jax.random.PRNGKey(0), rng.normal(size=(20, 3)))
+    assert state.plan.model_sites.data_plate == "data"

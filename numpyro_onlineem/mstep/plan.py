@@ -103,6 +103,9 @@ class Plan:
     default_polyak : bool
         Averaging is on with ``kappa=0.6`` (it removes the iterates' noise) and off with
         ``kappa=1`` (the statistics are already a running mean).
+    default_polyak_start : float
+        Points seen before averaging starts: ``100`` burn-ins (``1000 K`` points for
+        mixtures), so that the average leaves out the transient from the start.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class Plan:
         self.stats_per_component = stats_per_component
         self.default_kappa = 0.6 if stats_per_component <= 1000 else 1.0
         self.default_polyak = self.default_kappa < 1.0
+        self.default_polyak_start = 100.0 * default_burn_in
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}: {v}" for k, v in self.paths.items())
