@@ -1,6 +1,6 @@
 """numpyro-onlineem: online EM for NumPyro models.
 
-Public names only; see :class:`OnlineEM`.
+Public names only; see `OnlineEM`.
 """
 
 from numpyro_onlineem.api import OnlineEM

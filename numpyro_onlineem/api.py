@@ -29,9 +29,10 @@ class OnlineEM:
     directly as a parameter of a supported exponential family. Each update costs the
     same, however much data has been seen.
 
-    .. math::
-        \hat s_n = \hat s_{n-1} + \gamma_n (\bar s(B_n; \theta_{n-1}) - \hat s_{n-1}),
-        \qquad \theta_n = \bar\theta(\hat s_n)
+    $$
+    \hat s_n = \hat s_{n-1} + \gamma_n (\bar s(B_n; \theta_{n-1}) - \hat s_{n-1}),
+    \qquad \theta_n = \bar\theta(\hat s_n)
+    $$
 
     Parameters
     ----------
@@ -41,7 +42,7 @@ class OnlineEM:
         A constant step, or an optax-style schedule ``t -> step``, evaluated at ``t`` =
         the number of batches of the current size seen before the update (the init
         batch included; with a constant batch size, the update count plus one). Default:
-        :func:`~numpyro_onlineem.schedules.robbins_monro` with an exponent chosen from
+        `robbins_monro` with an exponent chosen from
         the number of statistics per component ``m`` (see ``Plan.default_kappa``):
         ``kappa=0.6`` when ``m <= 1000`` (scalar, diagonal and small full covariances),
         ``kappa=1`` above (full covariances in dozens of dimensions and up).
@@ -51,7 +52,7 @@ class OnlineEM:
         states of an enumerated site, and at least ``2 K D`` for a ``D``-dimensional
         full covariance.
     polyak : bool, optional
-        Polyak–Ruppert averaging of the parameters (what :meth:`get_params` returns),
+        Polyak–Ruppert averaging of the parameters (what `get_params` returns),
         each iterate weighted by its batch's points, from ``polyak_start`` points on.
         Default: on with the default schedule when ``kappa=0.6``, off with ``kappa=1``
         (the statistics are already a running mean) and off with a user ``step_size``.
@@ -60,7 +61,7 @@ class OnlineEM:
         points for a mixture of ``K`` components).
     init : {"auto", "kmeans++", "model"}
         Data-driven initialisation of component locations; see
-        :mod:`numpyro_onlineem.initialization`.
+        `numpyro_onlineem.initialization`.
     reg_covar : float
         Added to every variance, as in scikit-learn's ``GaussianMixture``.
     min_count : float
@@ -68,7 +69,7 @@ class OnlineEM:
     data_plate : str, optional
         Name of the data plate, when it cannot be inferred.
     chunk_size : int
-        Number of batches fused into one compiled call by :meth:`run`.
+        Number of batches fused into one compiled call by `run`.
 
     Examples
     --------
@@ -194,7 +195,7 @@ class OnlineEM:
     def update_with_info(
         self, state: OnlineEMState, *args: Any, **kwargs: Any
     ) -> tuple[OnlineEMState, UpdateInfo]:
-        """:meth:`update`, returning the full :class:`UpdateInfo` diagnostics."""
+        """`update`, returning the full `UpdateInfo` diagnostics."""
         check_inputs(state.plan.input_spec, args, kwargs, "update")
         return self._update_jit(state, *_split(args, kwargs))
 
@@ -209,13 +210,13 @@ class OnlineEM:
 
     # ------------------------------------------------------------- inference
     def log_likelihood(self, state: OnlineEMState, *args: Any, **kwargs: Any) -> jax.Array:
-        r"""Marginal log-likelihood :math:`\log p(x_i \mid \hat\theta)` of each datum of the
-        data plate, shape ``(batch,)``, at :meth:`get_params`."""
+        r"""Marginal log-likelihood $\log p(x_i \mid \hat\theta)$ of each datum of the
+        data plate, shape ``(batch,)``, at `get_params`."""
         check_inputs(state.plan.input_spec, args, kwargs, "log_likelihood")
         return self._loglik_jit(state, *_split(args, kwargs))
 
     def compute_marginals(self, state: OnlineEMState, *args: Any, **kwargs: Any) -> dict:
-        """Posterior marginals of the enumerated sites at :meth:`get_params`:
+        """Posterior marginals of the enumerated sites at `get_params`:
         ``{name: (batch, K) probabilities}``."""
         check_inputs(state.plan.input_spec, args, kwargs, "compute_marginals")
         return self._marginals_jit(state, *_split(args, kwargs))
@@ -241,14 +242,14 @@ class OnlineEM:
             ``(args, kwargs)`` pair. A single point (one dimension fewer than the init
             batch) is a batch of one. An array with ``batch_size`` is cut into batches
             along its first axis (a final partial batch is used too). Without
-            ``init_state``, the first batch initialises (:meth:`init`) and the others
+            ``init_state``, the first batch initialises (`init`) and the others
             update, so every point is used once.
         batch_size : int, optional
             Required when ``stream`` is an array.
         progress_bar : bool
             A tqdm bar with the running loss.
         init_params : dict, optional
-            Passed to :meth:`init` (on the first batch) when ``init_state`` is not given.
+            Passed to `init` (on the first batch) when ``init_state`` is not given.
         init_state : OnlineEMState, optional
             Continue from this state instead of initialising.
 

@@ -1,14 +1,15 @@
 r"""The functional core of online EM: pure functions of arrays and pytrees.
 
-One update on a mini-batch :math:`B_n` (Cappé & Moulines 2009):
+One update on a mini-batch $B_n$ (Cappé & Moulines 2009):
 
-.. math::
-    \hat s_n = \hat s_{n-1} + \gamma_n \big( |B_n|^{-1} \textstyle\sum_{i \in B_n}
-    E_{\theta_{n-1}}[S(x_i, z_i) \mid x_i] - \hat s_{n-1} \big), \qquad
-    \theta_n = \bar\theta(\hat s_n).
+$$
+\hat s_n = \hat s_{n-1} + \gamma_n \big( |B_n|^{-1} \textstyle\sum_{i \in B_n}
+E_{\theta_{n-1}}[S(x_i, z_i) \mid x_i] - \hat s_{n-1} \big), \qquad
+\theta_n = \bar\theta(\hat s_n).
+$$
 
 Statistics are per-datum averages; the M step weighs them by the data plate's total
-size :math:`N` against the priors of global sites.
+size $N$ against the priors of global sites.
 """
 
 from __future__ import annotations
@@ -39,16 +40,16 @@ class Config(NamedTuple):
         ``t -> step size`` after burn-in, evaluated at ``t`` = the number of batches
         of the current size seen before the update (init batch included; with a
         constant batch size, the update count plus one). ``None``: Robbins–Monro with
-        the plan's exponent (:attr:`Plan.default_kappa`).
+        the plan's exponent (`Plan.default_kappa`).
     burn_in : float or None
         Points to see before the first M step; until then statistics are the exact
-        running mean of everything seen. ``None``: :attr:`Plan.default_burn_in`.
+        running mean of everything seen. ``None``: `Plan.default_burn_in`.
     polyak : bool or None
         Polyak–Ruppert averaging of the parameters; ``None``: on with the default
-        schedule when :attr:`Plan.default_polyak` says so, off with a user schedule.
+        schedule when `Plan.default_polyak` says so, off with a user schedule.
     polyak_start : float or None
         Points to see before the average starts; ``None``:
-        :attr:`Plan.default_polyak_start`.
+        `Plan.default_polyak_start`.
     options : MStepOptions
     """
 
@@ -73,7 +74,7 @@ def batch_statistics(
     Returns
     -------
     loglik : Array, shape (batch,)
-        :math:`\\log p(x_i \\mid \\theta)`.
+        $\\log p(x_i \\mid \\theta)$.
     stats : dict
         Site -> statistic -> array of shape ``(num_cells, ...)``: the batch mean of the
         expected sufficient statistics.
@@ -223,7 +224,7 @@ def update(
 def log_likelihood(
     config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict
 ) -> jax.Array:
-    """Per-datum marginal log-likelihood :math:`\\log p(x_i \\mid \\theta)`, shape (batch,)."""
+    """Per-datum marginal log-likelihood $\\log p(x_i \\mid \\theta)$, shape (batch,)."""
     trace = enum_trace(config.model, sites, params, args, kwargs)
     return e_step(trace, sites).loglik
 

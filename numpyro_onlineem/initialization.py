@@ -14,7 +14,7 @@ enumerated latent):
 * ``init="model"``: nothing is changed; the model's own init values (or prior medians
   for global sites) are used.
 
-Values passed as ``init_params`` to :meth:`OnlineEM.init` are never overridden.
+Values passed as ``init_params`` to `OnlineEM.init` are never overridden.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def kmeans_pp(
 ) -> jax.Array:
     r"""Greedy k-means++ seeding followed by Lloyd iterations; the best of a few restarts.
 
-    Each new centre is the best (lowest inertia) of :math:`2 + \lfloor\ln k\rfloor`
-    candidates drawn with probability :math:`\propto D(x)^2`, the squared distance to the
+    Each new centre is the best (lowest inertia) of $2 + \lfloor\ln k\rfloor$
+    candidates drawn with probability $\propto D(x)^2$, the squared distance to the
     nearest centre so far (Arthur & Vassilvitskii 2007; scikit-learn's default seeding).
 
     Parameters

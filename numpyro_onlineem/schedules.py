@@ -15,10 +15,10 @@ Schedule = Callable[[ArrayLike], ArrayLike]
 
 
 def robbins_monro(kappa: float = 0.6, t0: float = 2.0) -> Schedule:
-    r"""Robbins–Monro step sizes :math:`\gamma_t = (t + t_0)^{-\kappa}`.
+    r"""Robbins–Monro step sizes $\gamma_t = (t + t_0)^{-\kappa}$.
 
-    With ``0.5 < kappa <= 1`` the steps satisfy :math:`\sum \gamma_t = \infty` and
-    :math:`\sum \gamma_t^2 < \infty`, the conditions of Cappé & Moulines (2009).
+    With ``0.5 < kappa <= 1`` the steps satisfy $\sum \gamma_t = \infty$ and
+    $\sum \gamma_t^2 < \infty$, the conditions of Cappé & Moulines (2009).
 
     Parameters
     ----------
@@ -46,7 +46,7 @@ def robbins_monro(kappa: float = 0.6, t0: float = 2.0) -> Schedule:
 
 
 def constant(step_size: float) -> Schedule:
-    r"""A constant step :math:`\gamma_t = c`. With ``c = 1`` and the whole data set as
+    r"""A constant step $\gamma_t = c$. With ``c = 1`` and the whole data set as
     every batch, online EM is exactly batch EM.
 
     Examples

@@ -15,14 +15,14 @@ class OnlineEMState(NamedTuple):
     Attributes
     ----------
     params : dict[str, Array]
-        Current estimates :math:`\theta_n` of every ``numpyro.param`` and global latent
+        Current estimates $\theta_n$ of every ``numpyro.param`` and global latent
         site, in constrained space (the shapes the model declares).
     stats : dict[str, dict[str, Array]]
-        Running averages :math:`\hat s_n` of the expected sufficient statistics per
+        Running averages $\hat s_n$ of the expected sufficient statistics per
         datum, keyed by observed or latent site, then by statistic; leading axis: cells.
     averaged : dict[str, Array]
         Polyak–Ruppert average of ``params`` (equal to ``params`` when averaging is off
-        or has not started). :meth:`OnlineEM.get_params` returns it.
+        or has not started). `OnlineEM.get_params` returns it.
     count : Array, int32, shape ()
         Number of updates applied.
     num_seen : Array, float, shape ()
@@ -51,7 +51,7 @@ class UpdateInfo(NamedTuple):
         Negative log marginal likelihood of the batch per datum, under the parameters
         before the update.
     step_size : Array, shape ()
-        Step :math:`\\gamma_n` applied to the statistics.
+        Step $\\gamma_n$ applied to the statistics.
     m_step : Array, bool, shape ()
         Whether the M step ran (False during burn-in).
     nonfinite : Array, bool, shape ()
@@ -66,7 +66,7 @@ class UpdateInfo(NamedTuple):
 
 
 class OnlineEMRunResult(NamedTuple):
-    """What :meth:`OnlineEM.run` returns.
+    """What `OnlineEM.run` returns.
 
     Attributes
     ----------

@@ -2,11 +2,13 @@ r"""Exact E step by enumeration.
 
 The local factors of a traced model (every sample site inside the data plate, with
 the discrete latents enumerated in parallel) are contracted with funsor into the
-per-datum marginal log-likelihood :math:`\log p(x_i \mid \theta)`. The posterior
+per-datum marginal log-likelihood $\log p(x_i \mid \theta)$. The posterior
 marginal of every factor's scope is the gradient of the total with respect to that
 factor's log-probabilities (Eisner 2016):
 
-.. math:: p(\mathrm{scope}(f) \mid x) = \partial \log Z / \partial \log f.
+$$
+p(\mathrm{scope}(f) \mid x) = \partial \log Z / \partial \log f.
+$$
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class EStepResult(NamedTuple):
     Attributes
     ----------
     loglik : Array, shape (batch,)
-        :math:`\log p(x_i \mid \theta)` for each datum of the data plate.
+        $\log p(x_i \mid \theta)$ for each datum of the data plate.
     weights : dict[str, Array]
         For each local site, the posterior probability of every configuration of its
         log-probability tensor (same shape as that tensor).

@@ -1,15 +1,15 @@
 r"""Exponential families: expected sufficient statistics and closed-form M steps.
 
-Each family is one entry of :data:`FAMILIES`, with the same small interface:
+Each family is one entry of `FAMILIES`, with the same small interface:
 
 * ``roles(base)``: the distribution's parameter arrays, keyed by role, with the
   attribute each was read from (``MultivariateNormal`` reads its covariance from
   ``covariance_matrix``, ``precision_matrix`` or ``scale_tril``, as the model gave it).
 * ``suff_stats(value, weight, consts, base)``: the weighted statistics
-  :math:`\sum_i w_i\, T(x_i)`, summed over the data axis (axis 0); ``consts`` holds
+  $\sum_i w_i\, T(x_i)$, summed over the data axis (axis 0); ``consts`` holds
   the roles that are not estimated (absorbed into the statistics).
 * ``m_step(stats, groups, current, priors, num_data, options, attrs)``: the maximiser of
-  :math:`N \langle s, \phi(\theta)\rangle - N\psi(\theta) + \log \pi(\theta)` over the
+  $N \langle s, \phi(\theta)\rangle - N\psi(\theta) + \log \pi(\theta)$ over the
   learned roles, or its conditional maximiser role by role (ECM) where roles are
   coupled.
 
@@ -57,7 +57,7 @@ def contract_data(*ops: jax.Array) -> jax.Array:
     r"""Sum over axis 0 of the broadcast product of ``ops`` (all of the same ndim).
 
     Size-one axes are dropped from the einsum so that broadcasting never materialises:
-    :math:`\sum_b w_{kb}\, x_{bd}` runs as one matrix product.
+    $\sum_b w_{kb}\, x_{bd}$ runs as one matrix product.
     """
     ndim = ops[0].ndim
     shape = jnp.broadcast_shapes(*(op.shape for op in ops))
@@ -119,10 +119,10 @@ class Family:
 class NormalFamily(Family):
     r"""``Normal(loc, scale)``, elementwise (``to_event`` for diagonal multivariate).
 
-    Statistics per cell: :math:`n = \sum w`, :math:`s_1 = \sum w x`,
-    :math:`s_2 = \sum w x^2`. M step: :math:`\mu = s_1 / n`,
-    :math:`\sigma^2 = s_2/n - \mu^2 + \text{reg\_covar}`. A ``Normal(m_0, s_0)`` prior on
-    a global ``loc`` gives :math:`\mu = (m_0/s_0^2 + N s_1/\sigma^2)/(1/s_0^2 + N n/\sigma^2)`.
+    Statistics per cell: $n = \sum w$, $s_1 = \sum w x$,
+    $s_2 = \sum w x^2$. M step: $\mu = s_1 / n$,
+    $\sigma^2 = s_2/n - \mu^2 + \text{reg\_covar}$. A ``Normal(m_0, s_0)`` prior on
+    a global ``loc`` gives $\mu = (m_0/s_0^2 + N s_1/\sigma^2)/(1/s_0^2 + N n/\sigma^2)$.
     """
 
     name = "Normal"
@@ -176,10 +176,10 @@ class NormalFamily(Family):
 class MultivariateNormalFamily(Family):
     r"""``MultivariateNormal(loc, covariance_matrix | precision_matrix | scale_tril)``.
 
-    Statistics per cell: :math:`n`, :math:`s_1 = \sum w x`, :math:`S_2 = \sum w x x^\top`.
-    M step: :math:`\mu = s_1/n`,
-    :math:`\Sigma = (S_2 - \mu s_1^\top - s_1\mu^\top + n\mu\mu^\top)/n + \text{reg\_covar}\, I`,
-    returned in whichever form the model passed. Cost :math:`O(K D^3)` per M step.
+    Statistics per cell: $n$, $s_1 = \sum w x$, $S_2 = \sum w x x^\top$.
+    M step: $\mu = s_1/n$,
+    $\Sigma = (S_2 - \mu s_1^\top - s_1\mu^\top + n\mu\mu^\top)/n + \text{reg\_covar}\, I$,
+    returned in whichever form the model passed. Cost $O(K D^3)$ per M step.
     """
 
     name = "MultivariateNormal"
@@ -272,10 +272,10 @@ def _precision(value: jax.Array, form: str) -> jax.Array:
 
 
 class CategoricalFamily(Family):
-    r"""``Categorical(probs)``: counts :math:`c_k = \sum w [x = k]`.
+    r"""``Categorical(probs)``: counts $c_k = \sum w [x = k]$.
 
-    M step :math:`p_k \propto c_k`; with a ``Dirichlet(alpha)`` prior on a global site,
-    the posterior mode :math:`p_k \propto \max(N c_k + \alpha_k - 1, 0)`.
+    M step $p_k \propto c_k$; with a ``Dirichlet(alpha)`` prior on a global site,
+    the posterior mode $p_k \propto \max(N c_k + \alpha_k - 1, 0)$.
     """
 
     name = "Categorical"
@@ -325,8 +325,8 @@ class _CountRateFamily(Family):
 
 
 class BernoulliFamily(_CountRateFamily):
-    r"""``Bernoulli(probs)``: :math:`p = s_1/n`; ``Beta(a, b)`` prior:
-    :math:`p = (N s_1 + a - 1)/(N n + a + b - 2)`."""
+    r"""``Bernoulli(probs)``: $p = s_1/n$; ``Beta(a, b)`` prior:
+    $p = (N s_1 + a - 1)/(N n + a + b - 2)$."""
 
     name = "Bernoulli"
     dist_types = (dist.BernoulliProbs,)
@@ -350,8 +350,8 @@ class BernoulliFamily(_CountRateFamily):
 
 
 class PoissonFamily(_CountRateFamily):
-    r"""``Poisson(rate)``: :math:`\lambda = s_1/n`; ``Gamma(a, b)`` prior:
-    :math:`\lambda = (N s_1 + a - 1)/(N n + b)`."""
+    r"""``Poisson(rate)``: $\lambda = s_1/n$; ``Gamma(a, b)`` prior:
+    $\lambda = (N s_1 + a - 1)/(N n + b)$."""
 
     name = "Poisson"
     dist_types = (dist.Poisson,)
@@ -375,8 +375,8 @@ class PoissonFamily(_CountRateFamily):
 
 
 class ExponentialFamily(_CountRateFamily):
-    r"""``Exponential(rate)``: :math:`\lambda = n/s_1`; ``Gamma(a, b)`` prior:
-    :math:`\lambda = (N n + a - 1)/(N s_1 + b)`."""
+    r"""``Exponential(rate)``: $\lambda = n/s_1$; ``Gamma(a, b)`` prior:
+    $\lambda = (N n + a - 1)/(N s_1 + b)$."""
 
     name = "Exponential"
     dist_types = (dist.Exponential,)

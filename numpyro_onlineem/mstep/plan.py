@@ -1,7 +1,7 @@
 """Choosing the M step of every estimated site, automatically, at ``init``.
 
 A site gets the closed-form M step when it is used *directly* as a parameter of a
-registered exponential family (:mod:`numpyro_onlineem.mstep.expfam`), possibly indexed
+registered exponential family (`numpyro_onlineem.mstep.expfam`), possibly indexed
 by enumerated latents or broadcast: ``Normal(locs[z], scales[z])``,
 ``Categorical(weights)``, ``MultivariateNormal(locs[z], covariance_matrix=cov)``.
 
@@ -73,9 +73,9 @@ class SitePlan(NamedTuple):
 
 
 class Plan:
-    """The M-step plan of a model: one :class:`SitePlan` per contributing site.
+    """The M-step plan of a model: one `SitePlan` per contributing site.
 
-    Static (no arrays of the state): it travels in :class:`OnlineEMState` as pytree
+    Static (no arrays of the state): it travels in `OnlineEMState` as pytree
     metadata, so ``jit`` sees it as part of the function, and it compares by identity.
 
     Attributes
