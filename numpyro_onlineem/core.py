@@ -20,11 +20,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from numpyro_onlineem.estep.enumerate import e_step, num_data
 from numpyro_onlineem.model import ModelSites, enum_trace
-from numpyro_onlineem.mstep.expfam import MStepOptions
+from numpyro_onlineem.mstep.expfam import PRIOR_HYPERPARAMETERS, MStepOptions
 from numpyro_onlineem.mstep.plan import Plan, site_grid, unwrap
 from numpyro_onlineem.schedules import Schedule, robbins_monro
 from numpyro_onlineem.state import OnlineEMState, UpdateInfo
@@ -117,11 +116,16 @@ def batch_statistics(
 
 def _prior_blocks(fn, shape: tuple, role_event: tuple) -> dict:
     """Hyperparameters of a prior, broadcast over the estimated site's shape and cut into
-    its parameter blocks: ``{name: (num_blocks, *role_event)}``."""
+    its parameter blocks: ``{name: (num_blocks, *role_event)}`` or ``(num_blocks,)``."""
+    base = unwrap(fn)
+    batch = shape[: len(shape) - len(role_event)]
     out = {}
-    for key, val in vars(unwrap(fn)).items():
-        if not key.startswith("_") and isinstance(val, jax.Array | np.ndarray | float | int):
-            out[key] = jnp.broadcast_to(val, shape).reshape((-1,) + tuple(role_event))
+    for key, full in PRIOR_HYPERPARAMETERS[type(base)].items():
+        value = jnp.asarray(getattr(base, key))
+        if full:
+            out[key] = jnp.broadcast_to(value, shape).reshape((-1,) + tuple(role_event))
+        else:
+            out[key] = jnp.broadcast_to(value, batch).reshape(-1)
     return out
 
 

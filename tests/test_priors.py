@@ -122,3 +122,43 @@ def test_non_conjugate_prior_is_reported(rng):
 
     with pytest.raises(UnsupportedModelError, match="'scales' has a HalfCauchy prior"):
         OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=(10, 1)))
+
+
+@pytest.mark.parametrize("form", ["covariance_matrix", "precision_matrix"])
+def test_wishart_priors_give_posterior_mode(rng, x64, form):
+    """InverseWishart(nu, Psi) on a covariance: (Psi + S) / (n + nu + D + 1);
+    Wishart(nu, V) on a precision: (n + nu - D - 1) (V^-1 + S)^-1; S the scatter matrix."""
+    d, nu = 3, 7.0
+    psi = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 1.5]])
+    mean = np.array([1.0, -1.0, 0.5])
+    prior = {"covariance_matrix": dist.InverseWishart, "precision_matrix": dist.Wishart}[form]
+
+    def model(x):
+        loc = numpyro.param("loc", jnp.zeros(d))
+        mat = numpyro.sample("mat", prior(nu, scale_matrix=jnp.asarray(psi)))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("obs", dist.MultivariateNormal(loc, **{form: mat}), obs=x)
+
+    x = rng.multivariate_normal(mean, np.eye(d), size=40)
+    em = OnlineEM(model, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x, init_params={"loc": mean})
+    state, _ = em.update(state, x)
+    xbar = x.mean(0)
+    scatter = (x - xbar).T @ (x - xbar)
+    if form == "covariance_matrix":
+        expected = (psi + scatter) / (len(x) + nu + d + 1)
+    else:
+        expected = (len(x) + nu - d - 1) * np.linalg.inv(np.linalg.inv(psi) + scatter)
+    p = em.get_params(state)
+    np.testing.assert_allclose(p["loc"], xbar, rtol=1e-10)
+    np.testing.assert_allclose(p["mat"], expected, rtol=1e-8)
+    with pytest.raises(UnsupportedModelError, match="Conjugate choices"):
+        other = {"covariance_matrix": "precision_matrix", "precision_matrix": "covariance_matrix"}
+
+        def wrong(x):
+            loc = numpyro.param("loc", jnp.zeros(d))
+            mat = numpyro.sample("mat", prior(nu, scale_matrix=jnp.asarray(psi)))
+            with numpyro.plate("data", x.shape[0]):
+                numpyro.sample("obs", dist.MultivariateNormal(loc, **{other[form]: mat}), obs=x)
+
+        OnlineEM(wrong).init(jax.random.PRNGKey(0), x)

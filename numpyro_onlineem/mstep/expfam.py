@@ -101,6 +101,10 @@ class Family:
         """Number of scalar statistics per cell."""
         return 2
 
+    def accepts_prior(self, role: str, attr: str, prior: dist.Distribution) -> bool:
+        """Whether ``prior`` on the site in ``role`` (read from ``attr``) is conjugate."""
+        return type(prior) in self.conjugate_priors.get(role, ())
+
     def attrs(self, role: str) -> tuple:
         """Attribute names of the distribution that are functions of ``role``."""
         return (role,)
@@ -177,18 +181,27 @@ class MultivariateNormalFamily(Family):
     r"""``MultivariateNormal(loc, covariance_matrix | precision_matrix | scale_tril)``.
 
     Statistics per cell: $n$, $s_1 = \sum w x$, $S_2 = \sum w x x^\top$.
-    M step: $\mu = s_1/n$,
-    $\Sigma = (S_2 - \mu s_1^\top - s_1\mu^\top + n\mu\mu^\top)/n + \text{reg\_covar}\, I$,
-    returned in whichever form the model passed. Cost $O(K D^3)$ per M step.
+    M step: $\mu = s_1/n$, $\Sigma = Q/n + \text{reg\_covar}\, I$ with
+    $Q = S_2 - \mu s_1^\top - s_1\mu^\top + n\mu\mu^\top$, returned in whichever
+    form the model passed. Conjugate priors on a global site: ``InverseWishart(nu, Psi)``
+    on ``covariance_matrix`` gives $\Sigma = (\Psi + N Q)/(N n + \nu + D + 1)$;
+    ``Wishart(nu, V)`` on ``precision_matrix`` gives
+    $\Lambda^{-1} = (V^{-1} + N Q)/(N n + \nu - D - 1)$. Cost $O(K D^3)$ per M step.
     """
 
     name = "MultivariateNormal"
     dist_types = (dist.MultivariateNormal,)
     value_event_ndim = 1
     role_event_ndim = {"loc": 1, "cov": 2}
-    conjugate_priors = {"loc": (dist.Normal,)}
+    conjugate_priors = {"loc": (dist.Normal,), "cov": (dist.InverseWishart, dist.Wishart)}
     center_roles = ("loc",)
     _forms = ("covariance_matrix", "precision_matrix", "scale_tril")
+    _cov_priors = {"covariance_matrix": dist.InverseWishart, "precision_matrix": dist.Wishart}
+
+    def accepts_prior(self, role, attr, prior):
+        if role == "cov":
+            return type(prior) is self._cov_priors.get(attr)
+        return super().accepts_prior(role, attr, prior)
 
     def cov_form(self, base) -> str:
         for form in self._forms[:2]:
@@ -240,8 +253,20 @@ class MultivariateNormalFamily(Family):
             num = segment_sum(q, g, nb)
             den = segment_sum(n, g, nb)
             d = s1.shape[-1]
-            cov = num / jnp.where(den > 0, den, 1.0)[:, None, None]
-            cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2)) + options.reg_covar * jnp.eye(d)
+            prior = priors.get("cov")
+            if prior is None:
+                cov = num / jnp.where(den > 0, den, 1.0)[:, None, None]
+                cov = cov + options.reg_covar * jnp.eye(d)
+            elif attrs["cov"] == "covariance_matrix":  # InverseWishart(nu, Psi)
+                nu = prior["concentration"]
+                cov = (prior["scale_matrix"] + num) / (den + nu + d + 1.0)[:, None, None]
+                den = jnp.full_like(den, jnp.inf)
+            else:  # Wishart(nu, V) on the precision
+                nu = prior["concentration"]
+                v_inv = jnp.linalg.inv(prior["scale_matrix"])
+                cov = (v_inv + num) / (den + nu - d - 1.0)[:, None, None]
+                den = jnp.full_like(den, jnp.inf)
+            cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
             chol = jnp.linalg.cholesky(cov)
             # a block whose estimate is not positive definite (fewer points than
             # dimensions, round-off) keeps its current value
@@ -397,6 +422,18 @@ class ExponentialFamily(_CountRateFamily):
 
     def from_centers(self, role, centers, options):
         return 1.0 / jnp.maximum(centers, options.prob_eps)
+
+
+# hyperparameters each conjugate prior supplies; True: shaped like the estimated site
+# (broadcast over it), False: one value per parameter block (e.g. Wishart's degrees)
+PRIOR_HYPERPARAMETERS = {
+    dist.Normal: {"loc": True, "scale": True},
+    dist.Dirichlet: {"concentration": True},
+    dist.Beta: {"concentration1": True, "concentration0": True},
+    dist.Gamma: {"concentration": True, "rate": True},
+    dist.InverseWishart: {"concentration": False, "scale_matrix": True},
+    dist.Wishart: {"concentration": False, "scale_matrix": True},
+}
 
 
 FAMILIES: tuple[Family, ...] = (

@@ -339,11 +339,12 @@ def make_plan(
         if ps.kind == "global":
             prior_fn = unwrap(tr_a[name]["fn"])
             allowed = fam.conjugate_priors.get(role, ())
-            if type(prior_fn) not in allowed:
+            attr = next(sp.attrs[role] for sp in site_plans if sp.site == sname)
+            if not fam.accepts_prior(role, attr, prior_fn):
                 raise UnsupportedModelError(
                     f"OnlineEM: global site '{name}' has a {type(prior_fn).__name__} prior, "
                     f"which has no closed-form posterior mode as the {role} of "
-                    f"{fam.name}. Conjugate choices: "
+                    f"{fam.name} ('{attr}'). Conjugate choices: "
                     f"{[t.__name__ for t in allowed] or 'none'}; or declare it with "
                     "numpyro.param for maximum likelihood."
                 )
