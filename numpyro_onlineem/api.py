@@ -264,12 +264,15 @@ class OnlineEM:
                 raise ValueError(
                     "OnlineEM.run: pass batch_size=... to cut an array stream into batches."
                 )
+            total = -(-stream.shape[0] // int(batch_size)) - (init_state is None)
             stream = _array_chunks(stream, int(batch_size), self.chunk_size)
+        else:
+            total = None
         bar = None
         if progress_bar:
             from tqdm.auto import tqdm
 
-            bar = tqdm(desc="OnlineEM", unit="batch")
+            bar = tqdm(desc="OnlineEM", unit="batch", total=total)
         state = init_state
         losses, buffer, signature = [], [], None
         try:
