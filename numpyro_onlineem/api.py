@@ -121,6 +121,9 @@ class OnlineEM:
         self._scan_jit = jit(functools.partial(_scan, self.config))
         self._loglik_jit = jit(functools.partial(_loglik, self.config))
         self._marginals_jit = jit(functools.partial(_marginals, self.config))
+        self._init_state_jit = jax.jit(
+            functools.partial(_init_state, self.config), static_argnums=(4,)
+        )
 
     # ------------------------------------------------------------------ init
     def init(
@@ -174,7 +177,7 @@ class OnlineEM:
             )
             for name, what in report.items():
                 plan.paths[name] += f"; initial value {what}"
-        return core.init_state(self.config, plan, params, key_state, args, kwargs)
+        return self._init_state_jit(plan, params, key_state, *_split(args, kwargs))
 
     # ---------------------------------------------------------------- update
     def update(
@@ -356,6 +359,11 @@ def _merge(arrays: list, static: _StaticArgs) -> tuple[tuple, dict]:
     it = iter(arrays)
     leaves = [next(it) if a else v for a, v in zip(static.is_array, static.values, strict=True)]
     return jax.tree.unflatten(static.treedef, leaves)
+
+
+def _init_state(config, plan, params, rng_key, arrays, static):
+    args, kwargs = _merge(arrays, static)
+    return core.init_state(config, plan, params, rng_key, args, kwargs)
 
 
 def _update(config, state, arrays, static):
