@@ -157,13 +157,18 @@ def site_grid(site: dict) -> tuple[tuple, dist.Distribution]:
     """(grid shape, base distribution): the grid is the log-prob shape followed by the
     event dims that wrappers reinterpreted; every role broadcasts over it."""
     fn = site["fn"]
-    value = site["value"]
-    batch = jnp.broadcast_shapes(
-        tuple(fn.batch_shape), jnp.shape(value)[: jnp.ndim(value) - fn.event_dim]
-    )
     base = unwrap(fn)
     extra = tuple(fn.event_shape)[: len(fn.event_shape) - len(base.event_shape)]
-    return tuple(batch) + extra, base
+    return _log_prob_shape(site) + extra, base
+
+
+def _log_prob_shape(site: dict) -> tuple:
+    fn, value = site["fn"], site["value"]
+    return tuple(
+        jnp.broadcast_shapes(
+            tuple(fn.batch_shape), jnp.shape(value)[: jnp.ndim(value) - fn.event_dim]
+        )
+    )
 
 
 def _random_valid(shape, constraint, key, dtype):
@@ -238,7 +243,8 @@ def make_plan(
         family = find_family(base_id)
         if family is None:
             continue
-        data_axis = _data_axis(site_id, data_plate_frame(site_id, sites.data_plate).dim)
+        plate_dim = data_plate_frame(site_id, sites.data_plate).dim
+        data_axis = len(_log_prob_shape(site_id)) + plate_dim
         roles_id = family.roles(base_id)
         roles_a = family.roles(unwrap(site_a["fn"]))
         attrs, learned, block_maps, nblocks = {}, {}, {}, {}
@@ -383,14 +389,6 @@ def make_plan(
         describe_inputs(args, kwargs),
         stats_per_component=total_stats / k_max,
     )
-
-
-def _data_axis(site: dict, plate_dim: int) -> int:
-    fn, value = site["fn"], site["value"]
-    batch = jnp.broadcast_shapes(
-        tuple(fn.batch_shape), jnp.shape(value)[: jnp.ndim(value) - fn.event_dim]
-    )
-    return len(batch) + plate_dim
 
 
 def _decode(arr_id, arr_a, grid, role_event, base, ids, rand_a):
