@@ -332,7 +332,9 @@ class CategoricalFamily(Family):
 
 
 class _CountRateFamily(Family):
-    """Shared statistics of the one-parameter families: ``n = sum w``, ``s1 = sum w x``."""
+    r"""One-parameter families with statistics $n = \sum w$, $s_1 = \sum w x$, whose
+    M step is a ratio of (prior-augmented) pooled statistics: subclasses give the ratio
+    and the clipping that keeps the estimate inside the support."""
 
     role = ""
 
@@ -342,11 +344,22 @@ class _CountRateFamily(Family):
     def suff_stats(self, value, weight, consts, base):
         return {"n": contract_data(weight), "s1": contract_data(weight, value)}
 
-    def _pooled(self, stats, groups, num_data):
+    def ratio(self, n, s1, prior):
+        """(numerator, denominator) of the estimate from pooled ``N``-scaled statistics."""
+        raise NotImplementedError
+
+    def clip(self, value, options):
+        return jnp.maximum(value, options.prob_eps)
+
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
         g, nb = groups[self.role]
         n = segment_sum(num_data * stats["n"], g, nb)
         s1 = segment_sum(num_data * stats["s1"], g, nb)
-        return n, s1
+        prior = priors.get(self.role)
+        num, den = self.ratio(n, s1, prior)
+        count = n if prior is None else jnp.full_like(n, jnp.inf)
+        value = self.clip(num / jnp.where(den > 0, den, 1.0), options)
+        return {self.role: _keep(count, value, current[self.role], options.min_count)}
 
 
 class BernoulliFamily(_CountRateFamily):
@@ -360,15 +373,14 @@ class BernoulliFamily(_CountRateFamily):
     conjugate_priors = {"probs": (dist.Beta,)}
     center_roles = ("probs",)
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
-        n, s1 = self._pooled(stats, groups, num_data)
-        count = n
-        if priors.get("probs") is not None:
-            a, b = priors["probs"]["concentration1"], priors["probs"]["concentration0"]
-            s1, n = s1 + a - 1.0, n + a + b - 2.0
-            count = jnp.full_like(count, jnp.inf)
-        p = jnp.clip(s1 / jnp.where(n > 0, n, 1.0), options.prob_eps, 1.0 - options.prob_eps)
-        return {"probs": _keep(count, p, current["probs"], options.min_count)}
+    def ratio(self, n, s1, prior):
+        if prior is None:
+            return s1, n
+        a, b = prior["concentration1"], prior["concentration0"]
+        return s1 + a - 1.0, n + a + b - 2.0
+
+    def clip(self, value, options):
+        return jnp.clip(value, options.prob_eps, 1.0 - options.prob_eps)
 
     def from_centers(self, role, centers, options):
         return jnp.clip(centers, 0.05, 0.95)
@@ -385,15 +397,10 @@ class PoissonFamily(_CountRateFamily):
     conjugate_priors = {"rate": (dist.Gamma,)}
     center_roles = ("rate",)
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
-        n, s1 = self._pooled(stats, groups, num_data)
-        count = n
-        if priors.get("rate") is not None:
-            a, b = priors["rate"]["concentration"], priors["rate"]["rate"]
-            s1, n = s1 + a - 1.0, n + b
-            count = jnp.full_like(count, jnp.inf)
-        rate = jnp.maximum(s1 / jnp.where(n > 0, n, 1.0), options.prob_eps)
-        return {"rate": _keep(count, rate, current["rate"], options.min_count)}
+    def ratio(self, n, s1, prior):
+        if prior is None:
+            return s1, n
+        return s1 + prior["concentration"] - 1.0, n + prior["rate"]
 
     def from_centers(self, role, centers, options):
         return centers + 0.5
@@ -410,15 +417,10 @@ class ExponentialFamily(_CountRateFamily):
     conjugate_priors = {"rate": (dist.Gamma,)}
     center_roles = ("rate",)
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
-        n, s1 = self._pooled(stats, groups, num_data)
-        count = n
-        if priors.get("rate") is not None:
-            a, b = priors["rate"]["concentration"], priors["rate"]["rate"]
-            n, s1 = n + a - 1.0, s1 + b
-            count = jnp.full_like(count, jnp.inf)
-        rate = jnp.maximum(n / jnp.where(s1 > 0, s1, 1.0), options.prob_eps)
-        return {"rate": _keep(count, rate, current["rate"], options.min_count)}
+    def ratio(self, n, s1, prior):
+        if prior is None:
+            return n, s1
+        return n + prior["concentration"] - 1.0, s1 + prior["rate"]
 
     def from_centers(self, role, centers, options):
         return 1.0 / jnp.maximum(centers, options.prob_eps)
