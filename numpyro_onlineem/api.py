@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -260,7 +261,10 @@ class OnlineEM:
         -------
         OnlineEMRunResult
             ``(params, state, losses)``; batches are fused ``chunk_size`` at a time into
-            one compiled ``lax.scan``.
+            one compiled ``lax.scan``. Shapes are checked eagerly (ValueError); values
+            are checked inside the compiled updates: a batch with non-finite values is
+            skipped (the state is left as it was, its loss is not finite) and ``run`` warns
+            with the count at the end.
         """
         if isinstance(stream, np.ndarray | jax.Array):
             if batch_size is None:
@@ -277,7 +281,7 @@ class OnlineEM:
 
             bar = tqdm(desc="OnlineEM", unit="batch", total=total)
         state = init_state
-        losses, buffer, signature = [], [], None
+        losses, skipped, buffer, signature = [], [], [], None
         try:
             for item in stream:
                 if isinstance(item, _Chunk):
@@ -287,12 +291,12 @@ class OnlineEM:
                         chunk = chunk[1:]
                         if not len(chunk):
                             continue
-                    check_inputs(state.plan.input_spec, (chunk[0],), {}, "run")
+                    check_inputs(state.plan.input_spec, (chunk[0],), {}, "run", values=False)
                     if buffer:
-                        state = self._flush(state, buffer, losses, bar)
+                        state = self._flush(state, buffer, (losses, skipped), bar)
                         buffer = []
                     _, static = _split((chunk[0],), {})
-                    state = self._scan_chunk(state, [chunk], static, losses, bar)
+                    state = self._scan_chunk(state, [chunk], static, (losses, skipped), bar)
                     continue
                 args, kwargs = _as_call(item)
                 if state is None:
@@ -302,39 +306,49 @@ class OnlineEM:
                 arrays, static = _split(args, kwargs)
                 sig = (static, tuple(np.shape(a) for a in arrays))
                 if buffer and (sig != signature or len(buffer) == self.chunk_size):
-                    state = self._flush(state, buffer, losses, bar)
+                    state = self._flush(state, buffer, (losses, skipped), bar)
                     buffer = []
-                check_inputs(state.plan.input_spec, args, kwargs, "run")
+                check_inputs(state.plan.input_spec, args, kwargs, "run", values=False)
                 buffer.append((arrays, static))
                 signature = sig
             if buffer:
-                state = self._flush(state, buffer, losses, bar)
+                state = self._flush(state, buffer, (losses, skipped), bar)
         finally:
             if bar is not None:
                 bar.close()
         if state is None:
             raise ValueError("OnlineEM.run: the stream was empty.")
         losses = jnp.concatenate(losses) if losses else jnp.zeros((0,))
+        skipped = np.flatnonzero(np.concatenate(skipped)) if skipped else []
+        if len(skipped):
+            warnings.warn(
+                f"OnlineEM.run: {len(skipped)} of {len(losses)} batches had non-finite values "
+                f"and were skipped (their losses are not finite); the first was batch {skipped[0]}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return OnlineEMRunResult(self.get_params(state), state, losses)
 
-    def _flush(self, state, buffer, losses, bar):
+    def _flush(self, state, buffer, record, bar):
         static = buffer[0][1]
         if len(buffer) == 1:
             state, info = self._update_jit(state, buffer[0][0], static)
-            return self._record(info.loss[None], losses, bar, state)
+            return self._record(jax.tree.map(lambda a: a[None], info), record, bar, state)
         stacked = [jnp.stack(column) for column in zip(*(b[0] for b in buffer), strict=True)]
-        return self._scan_chunk(state, stacked, static, losses, bar)
+        return self._scan_chunk(state, stacked, static, record, bar)
 
-    def _scan_chunk(self, state, stacked, static, losses, bar):
+    def _scan_chunk(self, state, stacked, static, record, bar):
         state, infos = self._scan_jit(state, stacked, static)
-        return self._record(infos.loss, losses, bar, state)
+        return self._record(infos, record, bar, state)
 
     @staticmethod
-    def _record(chunk_losses, losses, bar, state):
-        losses.append(chunk_losses)
+    def _record(infos, record, bar, state):
+        losses, skipped = record
+        losses.append(infos.loss)
+        skipped.append(infos.nonfinite)
         if bar is not None:
-            bar.update(int(chunk_losses.shape[0]))
-            bar.set_postfix(loss=f"{float(jnp.mean(chunk_losses)):.4f}")
+            bar.update(int(infos.loss.shape[0]))
+            bar.set_postfix(loss=f"{float(jnp.nanmean(infos.loss)):.4f}")
         return state
 
 
@@ -423,11 +437,12 @@ class _Chunk(NamedTuple):
 
 def _array_chunks(data, batch_size: int, chunk_size: int):
     """Cut an array into chunks of ``chunk_size`` stacked batches; a final partial batch
-    comes last, on its own."""
+    comes last, on its own. A NumPy array is cut into views, so each point is copied to
+    the device once, by the compiled call that uses it."""
     if batch_size < 1:
         raise ValueError(f"OnlineEM.run: batch_size must be >= 1, got {batch_size}.")
-    data = jnp.asarray(data)
-    check_inputs(None, (data,), {}, "run")
+    if not isinstance(data, jax.Array):
+        data = np.asarray(data)
     n = data.shape[0]
     num = n // batch_size
     full = data[: num * batch_size].reshape((num, batch_size) + data.shape[1:])

@@ -54,8 +54,11 @@ def describe_inputs(args: tuple, kwargs: dict) -> InputSpec:
     return InputSpec(tuple(arrays), tuple(statics))
 
 
-def check_inputs(spec: InputSpec | None, args: tuple, kwargs: dict, where: str) -> None:
-    """Reject empty batches, non-finite values and shapes that differ from ``init``'s.
+def check_inputs(
+    spec: InputSpec | None, args: tuple, kwargs: dict, where: str, values: bool = True
+) -> None:
+    """Reject empty batches, non-finite values (when ``values``) and shapes that differ
+    from ``init``'s.
 
     Raises
     ------
@@ -72,7 +75,7 @@ def check_inputs(spec: InputSpec | None, args: tuple, kwargs: dict, where: str) 
                 f"OnlineEM.{where}: argument {name} is an empty batch (shape {shape}); pass "
                 "at least one data point."
             )
-        if not _is_tracer(val) and not _all_finite(val):
+        if values and not _is_tracer(val) and not _all_finite(val):
             bad = ~np.isfinite(np.asarray(val))
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -138,3 +138,19 @@ def test_ambiguous_data_plate_asks_for_a_name(rng):
         OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=(20, 3)))
     state = OnlineEM(model, data_plate="data").init(jax.random.PRNGKey(0), rng.normal(size=(20, 3)))
     assert state.plan.model_sites.data_plate == "data"
+
+
+def test_run_skips_non_finite_batches_and_warns(rng):
+    x = rng.normal(size=(500, 4)).astype(np.float32)
+    bad = x.copy()
+    bad[250, 2] = np.nan  # in the third batch of 100
+    em = OnlineEM(gmm_diag, chunk_size=2)
+    with pytest.warns(RuntimeWarning, match="1 of 4 batches had non-finite values"):
+        result = em.run(jax.random.PRNGKey(0), bad, batch_size=100, progress_bar=False)
+    assert not np.isfinite(result.losses[1])
+    assert np.all(np.isfinite(np.delete(result.losses, 1)))
+    # the same as a stream without that batch
+    clean = np.concatenate([x[:200], x[300:]])
+    ref = em.run(jax.random.PRNGKey(0), clean, batch_size=100, progress_bar=False)
+    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(ref.state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
