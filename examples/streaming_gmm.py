@@ -125,7 +125,7 @@ def main(args):
 
     # ---------------------------------------------------------------- online EM
     # Defaults: Robbins-Monro steps counted in batches of the current size (a single
-    # point after a 500-point init moves the statistics by about 1/500, not by 0.66),
+    # point after a 500-point init gets the step (500 + 2)^-0.6 = 0.024, not 0.66),
     # Polyak averaging of the iterates, k-means++ for the placeholder means.
     em = OnlineEM(model)
     start = time.perf_counter()

@@ -323,7 +323,8 @@ class OnlineEM:
         if len(skipped):
             warnings.warn(
                 f"OnlineEM.run: {len(skipped)} of {len(losses)} batches had non-finite values "
-                f"and were skipped (their losses are not finite); the first was batch {skipped[0]}.",
+                f"and were skipped (their losses are not finite); the first was update "
+                f"{skipped[0]} of this run (counting from 0).",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -6,10 +6,10 @@ that is the *location-like* parameter of a component (``Normal``/``MultivariateN
 ``loc``, ``Poisson``/``Exponential`` ``rate``, ``Bernoulli`` ``probs``, indexed by an
 enumerated latent):
 
-* ``init="auto"`` (default): the site is set from k-means++ centres (then a few Lloyd
-  iterations) over the init batch **only if** its initial value is the same for every
-  component: a placeholder such as ``jnp.zeros((K, D))``. Values that differ across
-  components were set on purpose and are kept.
+* ``init="auto"`` (default): the site is set from k-means++ centres (then 50 Lloyd
+  iterations, best of 10 restarts) over the init batch **only if** its initial value
+  is the same for every component: a placeholder such as ``jnp.zeros((K, D))``.
+  Values that differ across components were set on purpose and are kept.
 * ``init="kmeans++"``: every such site is set from the centres, whatever its value.
 * ``init="model"``: nothing is changed; the model's own init values (or prior medians
   for global sites) are used.
@@ -39,7 +39,7 @@ def kmeans_pp(
     num_iters: int = 50,
     num_restarts: int = 10,
 ) -> jax.Array:
-    r"""Greedy k-means++ seeding followed by Lloyd iterations; the best of a few restarts.
+    r"""Greedy k-means++ seeding followed by Lloyd iterations; the best of several restarts.
 
     Each new centre is the best (lowest inertia) of $2 + \lfloor\ln k\rfloor$
     candidates drawn with probability $\propto D(x)^2$, the squared distance to the

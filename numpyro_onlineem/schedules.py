@@ -1,7 +1,10 @@
 """Step-size schedules for the stochastic approximation of sufficient statistics.
 
-A schedule is an optax-style ``Callable[[count], step_size]`` where ``count`` is the
-number of updates already applied (0 for the first update).
+A schedule is an optax-style ``Callable[[t], step_size]``. Online EM evaluates it at
+``t`` = the number of batches of the current batch size seen before an update, the
+init batch included: with a constant batch size, ``t`` is the update's number (1 for
+the first update after ``init``), and a single point after a 500-point init has
+``t = 500``.
 """
 
 from __future__ import annotations

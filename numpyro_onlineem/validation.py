@@ -28,7 +28,7 @@ def _named_inputs(args: tuple, kwargs: dict):
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, np.ndarray | jax.Array) and np.ndim(x) > 0
+    return isinstance(x, np.ndarray | jax.Array | np.generic)
 
 
 def _is_tracer(x) -> bool:
@@ -70,7 +70,7 @@ def check_inputs(
         if not _is_array(val):
             continue
         shape = tuple(np.shape(val))
-        if shape[0] == 0:
+        if shape and shape[0] == 0:
             raise ValueError(
                 f"OnlineEM.{where}: argument {name} is an empty batch (shape {shape}); pass "
                 "at least one data point."
@@ -90,6 +90,8 @@ def check_inputs(
         if name not in found:
             raise ValueError(f"OnlineEM.{where}: argument {name} given at init is missing.")
         shape = tuple(np.shape(found[name]))
+        if ndim == 0 and len(shape) == 0:
+            continue
         if len(shape) != ndim or shape[1:] != trailing:
             expect = "(batch, " + ", ".join(map(str, trailing)) + ")" if trailing else "(batch,)"
             raise ValueError(

@@ -154,3 +154,21 @@ def test_run_skips_non_finite_batches_and_warns(rng):
     ref = em.run(jax.random.PRNGKey(0), clean, batch_size=100, progress_bar=False)
     for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(ref.state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_zero_dimensional_array_arguments_are_accepted(rng):
+    def model(x, shift):
+        loc = numpyro.param("loc", 0.0)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("obs", dist.Normal(loc + 0.0 * shift, 1.0), obs=x)
+
+    def shifted(x, shift):
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("obs", dist.Normal(numpyro.param("loc", 0.0), 1.0), obs=x - shift)
+
+    x = rng.normal(size=20)
+    em = OnlineEM(shifted)
+    state = em.init(jax.random.PRNGKey(0), x, jnp.asarray(1.0))
+    state, loss = em.update(state, x, jnp.asarray(1.0))
+    assert np.isfinite(loss)
+    del model

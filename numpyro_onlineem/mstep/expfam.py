@@ -105,6 +105,10 @@ class Family:
         """Whether ``prior`` on the site in ``role`` (read from ``attr``) is conjugate."""
         return type(prior) in self.conjugate_priors.get(role, ())
 
+    def prior_choices(self, role: str, attr: str) -> list:
+        """The conjugate prior families for ``role`` read from ``attr``."""
+        return list(self.conjugate_priors.get(role, ()))
+
     def attrs(self, role: str) -> tuple:
         """Attribute names of the distribution that are functions of ``role``."""
         return (role,)
@@ -202,6 +206,11 @@ class MultivariateNormalFamily(Family):
         if role == "cov":
             return type(prior) is self._cov_priors.get(attr)
         return super().accepts_prior(role, attr, prior)
+
+    def prior_choices(self, role, attr):
+        if role == "cov":
+            return [self._cov_priors[attr]] if attr in self._cov_priors else []
+        return super().prior_choices(role, attr)
 
     def cov_form(self, base) -> str:
         for form in self._forms[:2]:

@@ -344,8 +344,8 @@ def make_plan(
         path = f"closed form: {fam.name} {role} of site '{sname}'"
         if ps.kind == "global":
             prior_fn = unwrap(tr_a[name]["fn"])
-            allowed = fam.conjugate_priors.get(role, ())
             attr = next(sp.attrs[role] for sp in site_plans if sp.site == sname)
+            allowed = fam.prior_choices(role, attr)
             if not fam.accepts_prior(role, attr, prior_fn):
                 raise UnsupportedModelError(
                     f"OnlineEM: global site '{name}' has a {type(prior_fn).__name__} prior, "
