@@ -143,7 +143,7 @@ def m_step(config: Config, plan: Plan, params: dict, stats: dict, total_size: fl
             prior_site = sp.priors.get(role)
             if prior_site is not None:
                 priors[role] = _prior_blocks(trace[prior_site]["fn"], shape, events[role])
-        groups = {r: (jnp.asarray(g), nb) for r, (g, nb) in sp.groups.items()}
+        groups = dict(sp.groups)  # static (NumPy) maps: identities are free
         attrs = dict(sp.attrs)
         out = fam.m_step(stats[sp.site], groups, current, priors, total_size, config.options, attrs)
         for role, value in out.items():
@@ -179,6 +179,7 @@ def update(
     loglik, batch, batch_size, total_size, trace = batch_statistics(
         config, plan, state.params, args, kwargs
     )
+    loss = -jnp.mean(loglik)
     dtype = state.num_seen.dtype
     seen = state.num_seen + batch_size
     burn_in = plan.default_burn_in if config.burn_in is None else config.burn_in
@@ -189,39 +190,52 @@ def update(
     schedule = config.schedule or robbins_monro(plan.default_kappa)
     step = jnp.asarray(schedule(state.num_seen / batch_size), dtype)
     gamma = jnp.minimum(jnp.where(in_burn_in, batch_size / seen, step), 1.0).astype(dtype)
-    stats = jax.tree.map(lambda s, b: s + gamma.astype(s.dtype) * (b - s), state.stats, batch)
-    proposed = m_step(config, plan, state.params, stats, total_size, trace)
-    params = jax.tree.map(lambda new, old: jnp.where(in_burn_in, old, new), proposed, state.params)
-
     polyak = config.polyak
     if polyak is None:
         polyak = config.schedule is None and plan.default_polyak
-    if polyak:
-        # Polyak-Ruppert mean of the iterates, each weighted by its batch's points
-        start = plan.default_polyak_start if config.polyak_start is None else config.polyak_start
-        weight = jnp.where(seen > start, batch_size / jnp.maximum(seen - start, 1.0), 1.0)
-        weight = jnp.minimum(weight, 1.0)
-        averaged = jax.tree.map(
-            lambda a, p: a + weight.astype(p.dtype) * (p - a), state.averaged, params
-        )
-    else:
-        averaged = params
 
-    loss = -jnp.mean(loglik)
+    def apply(state):
+        stats = jax.tree.map(lambda s, b: s + gamma.astype(s.dtype) * (b - s), state.stats, batch)
+        proposed = jax.lax.cond(
+            in_burn_in,
+            lambda: state.params,
+            lambda: m_step(config, plan, state.params, stats, total_size, trace),
+        )
+        # the closed forms guard their divisions; a non-finite estimate (an improper
+        # prior, overflow) keeps the current parameters and is reported
+        ok = jnp.array(True)
+        for leaf in jax.tree.leaves(proposed):
+            ok = ok & jnp.all(jnp.isfinite(leaf))
+        params = jax.lax.cond(ok, lambda: proposed, lambda: state.params)
+        if polyak:
+            # Polyak-Ruppert mean of the iterates, each weighted by its batch's points
+            start = (
+                plan.default_polyak_start if config.polyak_start is None else config.polyak_start
+            )
+            weight = jnp.where(seen > start, batch_size / jnp.maximum(seen - start, 1.0), 1.0)
+            weight = jnp.minimum(weight, 1.0)
+            averaged = jax.tree.map(
+                lambda a, p: a + weight.astype(p.dtype) * (p - a), state.averaged, params
+            )
+        else:
+            averaged = params
+        new = OnlineEMState(
+            params=params,
+            stats=stats,
+            averaged=averaged,
+            count=state.count + 1,
+            num_seen=seen,
+            rng_key=state.rng_key,
+            plan=plan,
+        )
+        return new, ok
+
+    # a finite loss means finite data, log-densities and posterior weights, hence
+    # finite batch statistics: anything else skips the update (one branch, not a
+    # select over every leaf of the state)
     finite = jnp.isfinite(loss)
-    for leaf in jax.tree.leaves((stats, params)):
-        finite = finite & jnp.all(jnp.isfinite(leaf))
-    new_state = OnlineEMState(
-        params=params,
-        stats=stats,
-        averaged=averaged,
-        count=state.count + 1,
-        num_seen=seen,
-        rng_key=state.rng_key,
-        plan=plan,
-    )
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-    info = UpdateInfo(loss=loss, step_size=gamma, m_step=~in_burn_in, nonfinite=~finite)
+    new_state, m_ok = jax.lax.cond(finite, apply, lambda s: (s, jnp.array(True)), state)
+    info = UpdateInfo(loss=loss, step_size=gamma, m_step=~in_burn_in, nonfinite=~(finite & m_ok))
     return new_state, info
 
 

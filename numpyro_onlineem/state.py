@@ -55,8 +55,10 @@ class UpdateInfo(NamedTuple):
     m_step : Array, bool, shape ()
         Whether the M step ran (False during burn-in).
     nonfinite : Array, bool, shape ()
-        True when the E or M step produced a non-finite value; the update was then
-        skipped and the state returned unchanged.
+        True when the batch's loss is not finite (non-finite data, or log-densities that
+        overflow): the update was skipped and the state returned unchanged; or when the
+        M step gave a non-finite estimate: the statistics were updated and the
+        parameters kept.
     """
 
     loss: jax.Array

@@ -20,6 +20,7 @@ import funsor
 import jax
 import jax.numpy as jnp
 
+from numpyro_onlineem.estep.logprob import fast_log_prob
 from numpyro_onlineem.model import ModelSites, data_plate_frame
 
 funsor.set_backend("jax")
@@ -55,15 +56,22 @@ class EStepResult(NamedTuple):
 
 
 def local_log_probs(trace: OrderedDict, sites: ModelSites) -> tuple[dict, tuple]:
-    """Unscaled log-probabilities of the local sites and their funsor layouts."""
+    """Unscaled log-probabilities of the local sites and their funsor layouts.
+
+    Sites of a recognised family with ``to_event`` dimensions are computed by matrix
+    products (`numpyro_onlineem.estep.logprob`); the others by their ``log_prob``.
+    """
     log_probs, layout = {}, []
     for name in sites.local:
         site = trace[name]
         fn, value = site["fn"], site["value"]
-        if site["intermediates"]:
-            lp = fn.log_prob(value, site["intermediates"])
-        else:
-            lp = fn.log_prob(value)
+        lp = None if site["intermediates"] else fast_log_prob(fn, value)
+        if lp is None:
+            lp = (
+                fn.log_prob(value, site["intermediates"])
+                if site["intermediates"]
+                else fn.log_prob(value)
+            )
         dim_to_name = site["infer"]["dim_to_name"]
         if any(n.startswith("_time") or n.startswith("_PREV_") for n in dim_to_name.values()):
             raise NotImplementedError(

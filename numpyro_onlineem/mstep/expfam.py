@@ -26,7 +26,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
+from jax.scipy.special import gammaln
+from numpyro.distributions.util import clamp_probs
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -70,9 +73,32 @@ def contract_data(*ops: jax.Array) -> jax.Array:
     return jnp.einsum(",".join(subs) + "->" + out, *arrays)
 
 
-def segment_sum(x: jax.Array, groups: jax.Array, num: int) -> jax.Array:
-    """Sum the leading axis of ``x`` into ``num`` groups."""
-    return jax.ops.segment_sum(x, groups, num_segments=num)
+def _is_identity(groups, num: int) -> bool:
+    """Whether a static group map sends cell ``i`` to block ``i``, one to one."""
+    return (
+        isinstance(groups, np.ndarray)
+        and len(groups) == num
+        and np.array_equal(groups, np.arange(num))
+    )
+
+
+def segment_sum(x: jax.Array, groups: np.ndarray, num: int) -> jax.Array:
+    """Sum the leading axis of ``x`` into ``num`` groups (``groups``: cell -> group).
+
+    Static maps are specialised: one-to-one maps cost nothing, a single group is a sum.
+    """
+    if _is_identity(groups, num):
+        return x
+    if num == 1 and isinstance(groups, np.ndarray):
+        return jnp.sum(x, axis=0, keepdims=True)
+    return jax.ops.segment_sum(x, jnp.asarray(groups), num_segments=num)
+
+
+def take(x: jax.Array, groups: np.ndarray) -> jax.Array:
+    """``x[groups]``: the block of every cell (free for a one-to-one map)."""
+    if _is_identity(groups, x.shape[0]):
+        return x
+    return x[jnp.asarray(groups)]
 
 
 def _keep(count: jax.Array, new: jax.Array, current: jax.Array, min_count: float) -> jax.Array:
@@ -113,6 +139,19 @@ class Family:
         """Attribute names of the distribution that are functions of ``role``."""
         return (role,)
 
+    has_linear_form: bool = False
+
+    def linear_form(self, value, params, num_event) -> tuple[list, Any, Any]:
+        r"""Elementwise exponential-family form of the log-density,
+        $\log p(x \mid \theta) = \sum_j T_j(x)\, \eta_j(\theta) - A(\theta) + \log h(x)$.
+
+        ``value`` and every ``params[role]`` have the same ndim and broadcast together;
+        the last ``num_event`` axes are summed by the caller
+        (`numpyro_onlineem.estep.logprob`). Returns ``([(T_j, eta_j), ...], A, log_h)``,
+        every array of that ndim (or a Python float).
+        """
+        raise NotImplementedError
+
     def suff_stats(self, value, weight, consts, base) -> dict:
         raise NotImplementedError
 
@@ -145,6 +184,18 @@ class NormalFamily(Family):
     def num_stats(self, base):
         return 3
 
+    has_linear_form = True
+
+    def linear_form(self, value, params, num_event):
+        # centred on the mean location over the non-event axes: (x - c) and (mu - c)
+        # stay at the scale of the spread of the data around the components
+        loc, scale = params["loc"], params["scale"]
+        center = jnp.mean(loc, axis=tuple(range(loc.ndim - num_event)), keepdims=True)
+        x, mu = value - center, loc - center
+        prec = 1.0 / scale**2
+        a = 0.5 * mu * mu * prec + jnp.log(scale) + 0.5 * jnp.log(2.0 * jnp.pi)
+        return [(x * x, -0.5 * prec), (x, mu * prec)], a, 0.0
+
     def suff_stats(self, value, weight, consts, base):
         x = value - consts["loc"] if "loc" in consts else value
         w = weight / consts["scale"] ** 2 if "scale" in consts else weight
@@ -159,7 +210,9 @@ class NormalFamily(Family):
         out = {}
         if "loc" in groups:
             g, nb = groups["loc"]
-            prec = 1.0 / current["scale"][groups["scale"][0]] ** 2 if "scale" in groups else 1.0
+            prec = (
+                1.0 / take(current["scale"], groups["scale"][0]) ** 2 if "scale" in groups else 1.0
+            )
             a = segment_sum(prec * s1, g, nb)
             b = segment_sum(prec * n, g, nb)
             count = segment_sum(n, g, nb)
@@ -172,7 +225,7 @@ class NormalFamily(Family):
             )
         if "scale" in groups:
             g, nb = groups["scale"]
-            mu = out["loc"][groups["loc"][0]] if "loc" in groups else 0.0
+            mu = take(out["loc"], groups["loc"][0]) if "loc" in groups else 0.0
             q = s2 - 2.0 * mu * s1 + mu * mu * n
             num = segment_sum(q, g, nb)
             den = segment_sum(n, g, nb)
@@ -246,15 +299,16 @@ class MultivariateNormalFamily(Family):
             g, _ = groups["loc"]
             if priors.get("loc") is not None:
                 # diagonal Normal prior, current precision: (L0 + n L)^-1 (L0 m0 + L s1)
-                prec = _precision(current["cov"][groups["cov"][0]], attrs["cov"])
-                l0 = 1.0 / priors["loc"]["scale"][g] ** 2
+                prec = _precision(take(current["cov"], groups["cov"][0]), attrs["cov"])
+                l0 = 1.0 / take(priors["loc"]["scale"], g) ** 2
                 lhs = n[:, None, None] * prec + jax.vmap(jnp.diag)(l0)
-                rhs = jnp.einsum("cij,cj->ci", prec, s1) + l0 * priors["loc"]["loc"][g]
+                rhs = jnp.einsum("cij,cj->ci", prec, s1) + l0 * take(priors["loc"]["loc"], g)
                 mu = jnp.linalg.solve(lhs, rhs[..., None])[..., 0]
             else:
                 safe_n = jnp.where(n > 0, n, 1.0)
-                mu = _keep(n, s1 / safe_n[:, None], current["loc"][g], options.min_count)
-            out["loc"] = current["loc"].at[g].set(mu)
+                mu = _keep(n, s1 / safe_n[:, None], take(current["loc"], g), options.min_count)
+            one_to_one = _is_identity(g, current["loc"].shape[0])
+            out["loc"] = mu if one_to_one else current["loc"].at[jnp.asarray(g)].set(mu)
         if "cov" in groups:
             g, nb = groups["cov"]
             q = s2 - mu[:, :, None] * s1[:, None, :] - s1[:, :, None] * mu[:, None, :]
@@ -382,6 +436,14 @@ class BernoulliFamily(_CountRateFamily):
     conjugate_priors = {"probs": (dist.Beta,)}
     center_roles = ("probs",)
 
+    has_linear_form = True
+
+    def linear_form(self, value, params, num_event):
+        # NumPyro's clamping: log p and log(1 - p) stay finite
+        p = clamp_probs(params["probs"])
+        log_q = jnp.log1p(-p)
+        return [(value, jnp.log(p) - log_q)], -log_q, 0.0
+
     def ratio(self, n, s1, prior):
         if prior is None:
             return s1, n
@@ -406,6 +468,14 @@ class PoissonFamily(_CountRateFamily):
     conjugate_priors = {"rate": (dist.Gamma,)}
     center_roles = ("rate",)
 
+    has_linear_form = True
+
+    def linear_form(self, value, params, num_event):
+        rate = params["rate"]
+        # a zero rate gives log(tiny) rather than -inf (x log rate with x = 0 stays 0)
+        log_rate = jnp.log(jnp.maximum(rate, jnp.finfo(rate.dtype).tiny))
+        return [(value, log_rate)], rate, -gammaln(value + 1.0)
+
     def ratio(self, n, s1, prior):
         if prior is None:
             return s1, n
@@ -425,6 +495,12 @@ class ExponentialFamily(_CountRateFamily):
     role_event_ndim = {"rate": 0}
     conjugate_priors = {"rate": (dist.Gamma,)}
     center_roles = ("rate",)
+
+    has_linear_form = True
+
+    def linear_form(self, value, params, num_event):
+        rate = params["rate"]
+        return [(value, -rate)], -jnp.log(rate), 0.0
 
     def ratio(self, n, s1, prior):
         if prior is None:
@@ -455,6 +531,13 @@ FAMILIES: tuple[Family, ...] = (
     PoissonFamily(),
     ExponentialFamily(),
 )
+
+
+def unwrap(fn: dist.Distribution) -> dist.Distribution:
+    """Strip ``Independent`` and ``ExpandedDistribution`` wrappers."""
+    while isinstance(fn, dist.Independent | dist.ExpandedDistribution):
+        fn = fn.base_dist
+    return fn
 
 
 def find_family(base: Any) -> Family | None:

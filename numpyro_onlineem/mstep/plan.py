@@ -31,7 +31,7 @@ import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
 
 from numpyro_onlineem.model import ModelSites, data_plate_frame, enum_trace
-from numpyro_onlineem.mstep.expfam import Family, find_family
+from numpyro_onlineem.mstep.expfam import Family, find_family, unwrap
 from numpyro_onlineem.validation import InputSpec, describe_inputs
 
 
@@ -134,13 +134,6 @@ class Plan:
 
 class UnsupportedModelError(ValueError):
     """The model uses an estimated site in a way no available M step covers."""
-
-
-def unwrap(fn: dist.Distribution) -> dist.Distribution:
-    """Strip ``Independent`` and ``ExpandedDistribution`` wrappers."""
-    while isinstance(fn, dist.Independent | dist.ExpandedDistribution):
-        fn = fn.base_dist
-    return fn
 
 
 def _array_attrs(fn, prefix="") -> dict:

@@ -1,0 +1,169 @@
+r"""Log-densities of recognised exponential families as matrix products.
+
+A site such as ``Normal(locs[z], scales[z]).to_event(1)`` has a log-probability tensor
+of shape ``(K, batch)`` that NumPyro computes elementwise over ``(K, batch, D)`` and
+then sums over ``D``. Written in exponential-family form,
+
+$$
+\sum_{e} \log p(x_{be} \mid \theta_{ke})
+= \sum_j \sum_e T_j(x_{be})\, \eta_j(\theta_{ke})
+- \sum_e A(\theta_{ke}) + \sum_e \log h(x_{be}),
+$$
+
+each sum over the reinterpreted (event) dimensions $e$ of a product of a data term
+and a parameter term is a matrix product, which never forms the ``(K, batch, D)``
+tensor. This is how hand-written mixture code computes its densities (scikit-learn's
+``GaussianMixture`` does the same for diagonal covariances).
+
+Only sites with reinterpreted dimensions (``to_event``) of a family that gives a
+``linear_form`` take this path, and ``MultivariateNormal`` sites of up to
+``WHITEN_MAX_DIM`` dimensions (through their whitening matrices); every other site uses
+the distribution's own ``log_prob``. The Gaussian forms are centred on the mean
+location over components, so that float32 cancellation stays at the scale of the
+spread of the data around the components, not of its distance from the origin.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from numpyro_onlineem.mstep.expfam import find_family, unwrap
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# Above this dimension NumPyro's own MultivariateNormal.log_prob (one triangular solve
+# with every datum as a right-hand side) is faster than whitening on the CPU (measured:
+# 1.4x faster at D = 64, 1.7x slower at D = 8, even at D = 32; K = 20, batches of 256).
+WHITEN_MAX_DIM = 24
+
+
+def align(arr: jax.Array, ndim: int) -> jax.Array:
+    """Prepend size-one axes up to ``ndim`` (NumPy broadcasting, made explicit)."""
+    arr = jnp.asarray(arr)
+    return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
+
+
+def contract_trailing(a: jax.Array, b: jax.Array, num: int) -> jax.Array:
+    r"""$\sum_e a_{\dots e}\, b_{\dots e}$ over the last ``num`` axes of two arrays of
+    the same ndim that broadcast together, without materialising the broadcast.
+
+    Size-one axes are dropped from the einsum, so ``(1, B, D) x (K, 1, D)`` runs as a
+    ``(B, D) @ (D, K)`` matrix product. Returns the broadcast leading shape.
+    """
+    nd = a.ndim
+    shape = jnp.broadcast_shapes(a.shape, b.shape)
+    subs, arrays = [], []
+    for op in (a, b):
+        keep = [i for i in range(nd) if op.shape[i] != 1]
+        arrays.append(op.reshape([op.shape[i] for i in keep]))
+        subs.append("".join(_LETTERS[i] for i in keep))
+    out_axes = [i for i in range(nd - num) if shape[i] != 1]
+    out = jnp.einsum(",".join(subs) + "->" + "".join(_LETTERS[i] for i in out_axes), *arrays)
+    return out.reshape(tuple(shape[: nd - num]))
+
+
+def sum_trailing(a, grid: tuple, num: int) -> jax.Array:
+    """Sum of ``a`` (broadcast to ``grid``) over the last ``num`` axes, computed on
+    ``a``'s own shape: a size-one axis counts as many times as the grid is long there."""
+    nd = len(grid)
+    a = align(a, nd)
+    axes = tuple(range(nd - num, nd))
+    factor = float(np.prod([grid[i] for i in axes if a.shape[i] == 1 and grid[i] != 1]))
+    return jnp.sum(a, axis=axes) * factor
+
+
+def fast_log_prob(fn: dist.Distribution, value: jax.Array) -> jax.Array | None:
+    """``fn.log_prob(value)`` by matrix products where ``fn`` qualifies (see the module
+    docstring), else ``None``."""
+    base = unwrap(fn)
+    if type(base) is dist.MultivariateNormal:
+        if base.event_shape[-1] > WHITEN_MAX_DIM:
+            return None
+        return whitened_log_prob(fn, base, value)
+    return linear_log_prob(fn, value)
+
+
+def whitened_log_prob(
+    fn: dist.Distribution, base: dist.MultivariateNormal, value: jax.Array
+) -> jax.Array:
+    r"""``MultivariateNormal`` log-density through its whitening matrices
+    $U_k = L_k^{-\top}$ (one triangular solve per component, not per datum):
+    $\log p(x \mid k) = -\tfrac12 \lVert (x - \mu_k) U_k \rVert^2
+    - \sum_i \log L_{k,ii} - \tfrac D2 \log 2\pi$, with $(x - \mu_k) U_k$ a matrix
+    product for all data at once."""
+    value = jnp.asarray(value)
+    lp_shape = tuple(
+        jnp.broadcast_shapes(tuple(fn.batch_shape), value.shape[: value.ndim - fn.event_dim])
+    )
+    num = len(fn.event_shape) - 1
+    grid = lp_shape + tuple(fn.event_shape[:num])
+    nd = len(grid)
+    d = base.event_shape[-1]
+    ftype = jnp.result_type(float)
+    tril = align(base.scale_tril, nd + 2).astype(ftype)
+    loc = align(base.loc, nd + 1).astype(ftype)
+    x = align(value, nd + 1).astype(ftype)
+    center = jnp.mean(loc, axis=tuple(range(nd)), keepdims=True)
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=ftype), tril.shape)
+    whiten = jnp.swapaxes(jax.scipy.linalg.solve_triangular(tril, eye, lower=True), -1, -2)
+    y = _matvec(x - center, whiten) - _matvec(loc - center, whiten)
+    half_log_det = jnp.sum(jnp.log(jnp.diagonal(tril, axis1=-2, axis2=-1)), -1)
+    lp = -0.5 * jnp.sum(y * y, -1) - half_log_det - 0.5 * d * jnp.log(2.0 * jnp.pi)
+    return jnp.broadcast_to(sum_trailing(lp, grid, num), lp_shape)
+
+
+def _matvec(v: jax.Array, m: jax.Array) -> jax.Array:
+    """``v[..., d] @ m[..., d, e]`` broadcast over the leading axes, as a matrix product
+    (size-one leading axes are dropped from the einsum)."""
+    nd = v.ndim - 1
+    shape = jnp.broadcast_shapes(v.shape[:-1], m.shape[:-2])
+    vs = [i for i in range(nd) if v.shape[i] != 1]
+    ms = [i for i in range(nd) if m.shape[i] != 1]
+    out = [i for i in range(nd) if shape[i] != 1]
+    sub = lambda axes: "".join(_LETTERS[i] for i in axes)
+    res = jnp.einsum(
+        f"{sub(vs)}y,{sub(ms)}yz->{sub(out)}z",
+        v.reshape([v.shape[i] for i in vs] + [v.shape[-1]]),
+        m.reshape([m.shape[i] for i in ms] + list(m.shape[-2:])),
+    )
+    return res.reshape(tuple(shape) + (m.shape[-1],))
+
+
+def linear_log_prob(fn: dist.Distribution, value: jax.Array) -> jax.Array | None:
+    """``fn.log_prob(value)`` by matrix products, or ``None`` when ``fn`` does not
+    qualify (no reinterpreted dimensions, or a family without a linear form).
+
+    Parameters
+    ----------
+    fn : Distribution
+        ``Independent`` (possibly over ``ExpandedDistribution``) of a scalar family.
+    value : Array
+        Broadcastable to ``fn.batch_shape + fn.event_shape``.
+
+    Returns
+    -------
+    Array or None
+        Shape ``broadcast(fn.batch_shape, value.shape[:-event_dim])``.
+    """
+    base = unwrap(fn)
+    family = find_family(base)
+    if family is None or family.value_event_ndim or not family.has_linear_form:
+        return None
+    num = len(fn.event_shape) - len(base.event_shape)
+    if num == 0:
+        return None
+    value = jnp.asarray(value)
+    lp_shape = tuple(
+        jnp.broadcast_shapes(tuple(fn.batch_shape), value.shape[: value.ndim - fn.event_dim])
+    )
+    grid = lp_shape + tuple(fn.event_shape[:num])
+    nd = len(grid)
+    ftype = jnp.result_type(float)
+    params = {role: align(arr, nd).astype(ftype) for role, (_, arr) in family.roles(base).items()}
+    x = align(value, nd).astype(ftype)
+    pairs, a, log_h = family.linear_form(x, params, num)
+    lp = sum(contract_trailing(t, eta, num) for t, eta in pairs)
+    lp = lp - sum_trailing(a, grid, num) + sum_trailing(log_h, grid, num)
+    return jnp.broadcast_to(lp, lp_shape)
