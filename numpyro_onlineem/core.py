@@ -190,52 +190,41 @@ def update(
     schedule = config.schedule or robbins_monro(plan.default_kappa)
     step = jnp.asarray(schedule(state.num_seen / batch_size), dtype)
     gamma = jnp.minimum(jnp.where(in_burn_in, batch_size / seen, step), 1.0).astype(dtype)
+    # a finite loss means finite data, log-densities and posterior weights, hence
+    # finite batch statistics; otherwise the update is skipped. The guard is folded
+    # into the elementwise updates (no branch, no extra pass over the state).
+    finite = jnp.isfinite(loss)
+    gamma = jnp.where(finite, gamma, 0.0)
+    stats = jax.tree.map(
+        lambda s, b: s + gamma.astype(s.dtype) * (jnp.where(finite, b, s) - s), state.stats, batch
+    )
+    proposed = m_step(config, plan, state.params, stats, total_size, trace)
+    apply = finite & ~in_burn_in
+    params = jax.tree.map(lambda new, old: jnp.where(apply, new, old), proposed, state.params)
+
     polyak = config.polyak
     if polyak is None:
         polyak = config.schedule is None and plan.default_polyak
-
-    def apply(state):
-        stats = jax.tree.map(lambda s, b: s + gamma.astype(s.dtype) * (b - s), state.stats, batch)
-        proposed = jax.lax.cond(
-            in_burn_in,
-            lambda: state.params,
-            lambda: m_step(config, plan, state.params, stats, total_size, trace),
+    if polyak:
+        # Polyak-Ruppert mean of the iterates, each weighted by its batch's points
+        start = plan.default_polyak_start if config.polyak_start is None else config.polyak_start
+        weight = jnp.where(seen > start, batch_size / jnp.maximum(seen - start, 1.0), 1.0)
+        weight = jnp.where(finite, jnp.minimum(weight, 1.0), 0.0)
+        averaged = jax.tree.map(
+            lambda a, p: a + weight.astype(p.dtype) * (p - a), state.averaged, params
         )
-        # the closed forms guard their divisions; a non-finite estimate (an improper
-        # prior, overflow) keeps the current parameters and is reported
-        ok = jnp.array(True)
-        for leaf in jax.tree.leaves(proposed):
-            ok = ok & jnp.all(jnp.isfinite(leaf))
-        params = jax.lax.cond(ok, lambda: proposed, lambda: state.params)
-        if polyak:
-            # Polyak-Ruppert mean of the iterates, each weighted by its batch's points
-            start = (
-                plan.default_polyak_start if config.polyak_start is None else config.polyak_start
-            )
-            weight = jnp.where(seen > start, batch_size / jnp.maximum(seen - start, 1.0), 1.0)
-            weight = jnp.minimum(weight, 1.0)
-            averaged = jax.tree.map(
-                lambda a, p: a + weight.astype(p.dtype) * (p - a), state.averaged, params
-            )
-        else:
-            averaged = params
-        new = OnlineEMState(
-            params=params,
-            stats=stats,
-            averaged=averaged,
-            count=state.count + 1,
-            num_seen=seen,
-            rng_key=state.rng_key,
-            plan=plan,
-        )
-        return new, ok
-
-    # a finite loss means finite data, log-densities and posterior weights, hence
-    # finite batch statistics: anything else skips the update (one branch, not a
-    # select over every leaf of the state)
-    finite = jnp.isfinite(loss)
-    new_state, m_ok = jax.lax.cond(finite, apply, lambda s: (s, jnp.array(True)), state)
-    info = UpdateInfo(loss=loss, step_size=gamma, m_step=~in_burn_in, nonfinite=~(finite & m_ok))
+    else:
+        averaged = params
+    new_state = OnlineEMState(
+        params=params,
+        stats=stats,
+        averaged=averaged,
+        count=state.count + finite.astype(state.count.dtype),
+        num_seen=jnp.where(finite, seen, state.num_seen),
+        rng_key=state.rng_key,
+        plan=plan,
+    )
+    info = UpdateInfo(loss=loss, step_size=gamma, m_step=apply, nonfinite=~finite)
     return new_state, info
 
 

@@ -56,9 +56,9 @@ class UpdateInfo(NamedTuple):
         Whether the M step ran (False during burn-in).
     nonfinite : Array, bool, shape ()
         True when the batch's loss is not finite (non-finite data, or log-densities that
-        overflow): the update was skipped and the state returned unchanged; or when the
-        M step gave a non-finite estimate: the statistics were updated and the
-        parameters kept.
+        overflow): the update was skipped and the state returned unchanged. (A finite
+        loss implies finite statistics, and the closed-form M steps guard their
+        divisions, so finite statistics give finite estimates.)
     """
 
     loss: jax.Array

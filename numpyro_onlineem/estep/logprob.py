@@ -50,18 +50,48 @@ def contract_trailing(a: jax.Array, b: jax.Array, num: int) -> jax.Array:
     the same ndim that broadcast together, without materialising the broadcast.
 
     Size-one axes are dropped from the einsum, so ``(1, B, D) x (K, 1, D)`` runs as a
-    ``(B, D) @ (D, K)`` matrix product. Returns the broadcast leading shape.
+    ``(B, D) @ (D, K)`` matrix product, the larger operand on the left: on XLA:CPU that
+    is 1.2-1.7x faster than ``(K, D) @ (D, B)`` (K = 5-20, D = 64-256, B = 256).
+    Returns the broadcast leading shape.
     """
     nd = a.ndim
     shape = jnp.broadcast_shapes(a.shape, b.shape)
-    subs, arrays = [], []
+    if a.size < b.size:
+        a, b = b, a
+    subs, arrays, free = [], [], []
     for op in (a, b):
         keep = [i for i in range(nd) if op.shape[i] != 1]
         arrays.append(op.reshape([op.shape[i] for i in keep]))
         subs.append("".join(_LETTERS[i] for i in keep))
-    out_axes = [i for i in range(nd - num) if shape[i] != 1]
-    out = jnp.einsum(",".join(subs) + "->" + "".join(_LETTERS[i] for i in out_axes), *arrays)
+        free += [i for i in keep if i < nd - num and i not in free]
+    out = jnp.einsum(",".join(subs) + "->" + "".join(_LETTERS[i] for i in free), *arrays)
+    perm = np.argsort(free)
+    if not np.array_equal(perm, np.arange(len(free))):
+        # the barrier keeps XLA from folding the transpose back into the product
+        # (which it would compute as the slower small-times-large-transposed form)
+        out = jnp.transpose(jax.lax.optimization_barrier(out), perm)
     return out.reshape(tuple(shape[: nd - num]))
+
+
+def contract_pairs(pairs: list, num: int) -> jax.Array:
+    r"""$\sum_j \sum_e T_{j,\dots e}\, \eta_{j,\dots e}$ over the last ``num`` axes, as
+    one matrix product: the data terms $T_j$ and the parameter terms $\eta_j$ are each
+    concatenated along the (flattened) event axes, which is about twice as fast as one
+    product per pair."""
+    if len(pairs) == 1:
+        return contract_trailing(*pairs[0], num)
+    ts, etas = [t for t, _ in pairs], [e for _, e in pairs]
+    nd = ts[0].ndim
+    lead_t = jnp.broadcast_shapes(*(t.shape[: nd - num] for t in ts))
+    lead_e = jnp.broadcast_shapes(*(e.shape[: nd - num] for e in etas))
+    event = jnp.broadcast_shapes(*(a.shape[nd - num :] for a in ts + etas))
+    size = int(np.prod(event, dtype=int))
+
+    def stack(arrays, lead):
+        flat = [jnp.broadcast_to(a, lead + event).reshape(lead + (size,)) for a in arrays]
+        return jnp.concatenate(flat, axis=-1)
+
+    return contract_trailing(stack(ts, lead_t), stack(etas, lead_e), 1)
 
 
 def sum_trailing(a, grid: tuple, num: int) -> jax.Array:
@@ -164,6 +194,6 @@ def linear_log_prob(fn: dist.Distribution, value: jax.Array) -> jax.Array | None
     params = {role: align(arr, nd).astype(ftype) for role, (_, arr) in family.roles(base).items()}
     x = align(value, nd).astype(ftype)
     pairs, a, log_h = family.linear_form(x, params, num)
-    lp = sum(contract_trailing(t, eta, num) for t, eta in pairs)
+    lp = contract_pairs(pairs, num)
     lp = lp - sum_trailing(a, grid, num) + sum_trailing(log_h, grid, num)
     return jnp.broadcast_to(lp, lp_shape)
