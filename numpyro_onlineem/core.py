@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from numpyro_onlineem.estep.enumerate import e_step, num_data
 from numpyro_onlineem.model import ModelSites, enum_trace
-from numpyro_onlineem.mstep.expfam import PRIOR_HYPERPARAMETERS, MStepOptions
-from numpyro_onlineem.mstep.plan import Plan, site_grid, unwrap
+from numpyro_onlineem.mstep.expfam import PRIOR_HYPERPARAMETERS, MStepOptions, unwrap
+from numpyro_onlineem.mstep.plan import Plan, site_grid
 from numpyro_onlineem.schedules import Schedule, robbins_monro
 from numpyro_onlineem.state import OnlineEMState, UpdateInfo
 
@@ -134,20 +134,34 @@ def m_step(config: Config, plan: Plan, params: dict, stats: dict, total_size: fl
     new = dict(params)
     for sp in plan.sites:
         fam = sp.family
+        maps = {role: fam.reparams[role][name] for role, name in sp.reparams.items()}
         current, priors, events = {}, {}, {}
         for role, pname in sp.learned.items():
             shape = plan.model_sites.params[pname].shape
             ev = fam.role_event_ndim[role]
             events[role] = tuple(shape[len(shape) - ev :]) if ev else ()
-            current[role] = params[pname].reshape((-1,) + events[role])
+            value = params[pname]
+            if role in maps:
+                value = maps[role].forward(value)
+            current[role] = value.reshape((-1,) + events[role])
             prior_site = sp.priors.get(role)
             if prior_site is not None:
                 priors[role] = _prior_blocks(trace[prior_site]["fn"], shape, events[role])
         groups = dict(sp.groups)  # static (NumPy) maps: identities are free
-        attrs = dict(sp.attrs)
-        out = fam.m_step(stats[sp.site], groups, current, priors, total_size, config.options, attrs)
+        out = fam.m_step(
+            stats[sp.site],
+            groups,
+            current,
+            priors,
+            total_size,
+            config.options,
+            dict(sp.attrs),
+            dict(sp.reparams),
+        )
         for role, value in out.items():
             pname = sp.learned[role]
+            if role in maps:
+                value = maps[role].inverse(value)
             new[pname] = value.reshape(params[pname].shape).astype(params[pname].dtype)
     return new
 

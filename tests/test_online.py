@@ -37,7 +37,11 @@ def _model(x):
 
 def test_one_pass_reaches_batch_optimum_from_same_means(stream):
     train, test = stream
-    means0 = np.asarray(kmeans_pp(jax.random.PRNGKey(3), jnp.asarray(train[:2000]), K, 20))
+    # A start with one mean in each of the 10 clusters: from a start that puts two means
+    # in one cluster, batch EM sits near a saddle and which optimum it leaves for depends
+    # on the BLAS build (-92.12 here, -91.06 on another machine), so the test would not
+    # compare like with like.
+    means0 = np.asarray(kmeans_pp(jax.random.PRNGKey(0), jnp.asarray(train[:2000]), K, 20))
     reference = _sklearn(train, means_init=means0).score(test)
     em = OnlineEM(_model, init="model")
     result = em.run(

@@ -162,3 +162,87 @@ def test_wishart_priors_give_posterior_mode(rng, x64, form):
                 numpyro.sample("obs", dist.MultivariateNormal(loc, **{other[form]: mat}), obs=x)
 
         OnlineEM(wrong).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize(
+    "form,prior,a,b",
+    [("precision", dist.Gamma, 3.0, 2.0), ("variance", dist.InverseGamma, 3.0, 2.0)],
+)
+def test_gamma_precision_and_inverse_gamma_variance_modes(rng, x64, form, prior, a, b):
+    """Normal(mu, tau ** -0.5) with tau ~ Gamma(a, b): tau = (n/2 + a - 1) / (q/2 + b);
+    Normal(mu, var ** 0.5) with var ~ InverseGamma(a, b): var = (q/2 + b) / (n/2 + a + 1);
+    q the sum of squares about the mean (the location is a maximum-likelihood param)."""
+
+    def model(x):
+        loc = numpyro.param("loc", 0.0)
+        s = numpyro.sample("s", prior(a, b))
+        scale = s**-0.5 if form == "precision" else jnp.sqrt(s)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("obs", dist.Normal(loc, scale), obs=x)
+
+    x = rng.normal(2.0, 1.5, size=60)
+    em = OnlineEM(model, step_size=1.0, burn_in=0)
+    state = em.init(jax.random.PRNGKey(0), x)
+    assert f"as a {form}" in em.mstep_paths(state)["s"]
+    assert f"posterior mode under its {prior.__name__} prior" in em.mstep_paths(state)["s"]
+    state, _ = em.update(state, x)
+    n, q = len(x), np.sum((x - x.mean()) ** 2)
+    if form == "precision":
+        expected = (n / 2 + a - 1) / (q / 2 + b)
+    else:
+        expected = (q / 2 + b) / (n / 2 + a + 1)
+    p = em.get_params(state)
+    np.testing.assert_allclose(p["loc"], x.mean(), rtol=1e-10)
+    np.testing.assert_allclose(p["s"], expected, rtol=1e-10)
+
+
+def test_mixture_with_gamma_precisions_matches_numpy_map_em(rng, x64):
+    """Per-component precisions tau[z] ~ Gamma(a, b), three batch EM iterations (step 1,
+    the whole data every batch) against the same MAP EM written in NumPy."""
+    a, b, K = 2.5, 1.0, 2
+
+    def model(x):
+        locs = numpyro.param("locs", jnp.array([-1.0, 1.0]))
+        taus = numpyro.sample("taus", dist.Gamma(a * jnp.ones(K), b).to_event(1))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.array([0.4, 0.6])))
+            numpyro.sample("obs", dist.Normal(locs[z], taus[z] ** -0.5), obs=x)
+
+    x = np.concatenate([rng.normal(-2.0, 0.5, 80), rng.normal(1.5, 1.2, 120)])
+    locs, taus = np.array([-1.0, 1.0]), np.array([1.0, 1.0])
+    em = OnlineEM(model, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x, init_params={"locs": locs, "taus": taus})
+    for _ in range(3):
+        state, _ = em.update(state, x)
+        r = _responsibilities(
+            x[:, None], np.array([0.4, 0.6]), locs[:, None], taus[:, None] ** -0.5
+        )
+        nk = r.sum(0)
+        locs = (r * x[:, None]).sum(0) / nk
+        q = (r * (x[:, None] - locs) ** 2).sum(0)
+        taus = (nk / 2 + a - 1) / (q / 2 + b)
+    p = em.get_params(state)
+    np.testing.assert_allclose(p["locs"], locs, rtol=1e-8)
+    np.testing.assert_allclose(p["taus"], taus, rtol=1e-8)
+
+
+def test_gamma_prior_on_the_scale_itself_is_reported(rng):
+    """A Gamma prior is conjugate to a precision, not to a standard deviation."""
+
+    def model(x):
+        s = numpyro.sample("s", dist.Gamma(2.0, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("obs", dist.Normal(0.0, s), obs=x)
+
+    with pytest.raises(UnsupportedModelError, match="'s' has a Gamma prior.*as the scale"):
+        OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=10))
+
+    def wrong_family(x):
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("obs", dist.Normal(0.0, s**-0.5), obs=x)
+
+    with pytest.raises(
+        UnsupportedModelError, match=r"as the precision.*Conjugate choices: \['Gamma'\]"
+    ):
+        OnlineEM(wrong_family).init(jax.random.PRNGKey(0), rng.normal(size=10))

@@ -56,6 +56,28 @@ class MStepOptions(NamedTuple):
     prob_eps: float = 1e-6
 
 
+class Reparam(NamedTuple):
+    r"""A site that enters a distribution argument through a fixed elementwise map:
+    ``Normal(loc, tau ** -0.5)`` estimates the precision $\tau$ of the ``scale`` role.
+
+    Attributes
+    ----------
+    name : str
+        What the site is, e.g. ``"precision"``.
+    forward : callable
+        Site value -> role value (``tau -> tau ** -0.5``); NumPy and JAX arrays alike.
+    inverse : callable
+        Role value -> site value (``scale -> scale ** -2``).
+    formula : str
+        The map, in words, for `OnlineEM.mstep_paths`.
+    """
+
+    name: str
+    forward: Any
+    inverse: Any
+    formula: str
+
+
 def contract_data(*ops: jax.Array) -> jax.Array:
     r"""Sum over axis 0 of the broadcast product of ``ops`` (all of the same ndim).
 
@@ -116,6 +138,8 @@ class Family:
     role_event_ndim: dict = {}
     # role -> distributions accepted as conjugate priors on a global site in that role
     conjugate_priors: dict = {}
+    # role -> reparametrisations recognised besides the direct use: {name: Reparam}
+    reparams: dict = {}
     # roles whose data-driven initialisation from cluster centres makes sense
     center_roles: tuple = ()
 
@@ -127,13 +151,17 @@ class Family:
         """Number of scalar statistics per cell."""
         return 2
 
-    def accepts_prior(self, role: str, attr: str, prior: dist.Distribution) -> bool:
-        """Whether ``prior`` on the site in ``role`` (read from ``attr``) is conjugate."""
-        return type(prior) in self.conjugate_priors.get(role, ())
+    def accepts_prior(
+        self, role: str, attr: str, prior: dist.Distribution, reparam: str | None = None
+    ) -> bool:
+        """Whether ``prior`` on the site in ``role`` (read from ``attr``, through the
+        named reparametrisation if any) is conjugate."""
+        return type(prior) in self.prior_choices(role, attr, reparam)
 
-    def prior_choices(self, role: str, attr: str) -> list:
+    def prior_choices(self, role: str, attr: str, reparam: str | None = None) -> list:
         """The conjugate prior families for ``role`` read from ``attr``."""
-        return list(self.conjugate_priors.get(role, ()))
+        key = role if reparam is None else (role, reparam)
+        return list(self.conjugate_priors.get(key, ()))
 
     def attrs(self, role: str) -> tuple:
         """Attribute names of the distribution that are functions of ``role``."""
@@ -155,7 +183,10 @@ class Family:
     def suff_stats(self, value, weight, consts, base) -> dict:
         raise NotImplementedError
 
-    def m_step(self, stats, groups, current, priors, num_data, options) -> dict:
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams) -> dict:
+        """Closed-form M step (see the module docstring). ``current`` holds role values
+        (reparametrised sites already mapped forward); ``reparams`` names the
+        reparametrisation of each role that has one; the result is in role values."""
         raise NotImplementedError
 
     def from_centers(self, role: str, centers: jax.Array, options: MStepOptions) -> jax.Array:
@@ -170,12 +201,28 @@ class NormalFamily(Family):
     $s_2 = \sum w x^2$. M step: $\mu = s_1 / n$,
     $\sigma^2 = s_2/n - \mu^2 + \text{reg\_covar}$. A ``Normal(m_0, s_0)`` prior on
     a global ``loc`` gives $\mu = (m_0/s_0^2 + N s_1/\sigma^2)/(1/s_0^2 + N n/\sigma^2)$.
+
+    The scale may also be a precision, ``Normal(loc, tau ** -0.5)``, or a variance,
+    ``Normal(loc, var ** 0.5)``. With $q = \sum w (x - \mu)^2$, a ``Gamma(a, b)``
+    prior on a global precision gives $\tau = (N n/2 + a - 1)/(N q/2 + b)$ and an
+    ``InverseGamma(a, b)`` prior on a global variance $v = (N q/2 + b)/(N n/2 + a + 1)$
+    (no ``reg_covar`` then: the prior regularises).
     """
 
     name = "Normal"
     dist_types = (dist.Normal,)
     role_event_ndim = {"loc": 0, "scale": 0}
-    conjugate_priors = {"loc": (dist.Normal,)}
+    conjugate_priors = {
+        "loc": (dist.Normal,),
+        ("scale", "precision"): (dist.Gamma,),
+        ("scale", "variance"): (dist.InverseGamma,),
+    }
+    reparams = {
+        "scale": {
+            "precision": Reparam("precision", lambda t: t**-0.5, lambda s: s**-2.0, "tau ** -0.5"),
+            "variance": Reparam("variance", lambda v: v**0.5, lambda s: s**2.0, "var ** 0.5"),
+        }
+    }
     center_roles = ("loc",)
 
     def roles(self, base):
@@ -205,7 +252,7 @@ class NormalFamily(Family):
             "s2": contract_data(w, x * x),
         }
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams):
         n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
         out = {}
         if "loc" in groups:
@@ -229,7 +276,19 @@ class NormalFamily(Family):
             q = s2 - 2.0 * mu * s1 + mu * mu * n
             num = segment_sum(q, g, nb)
             den = segment_sum(n, g, nb)
-            var = jnp.maximum(num / jnp.where(den > 0, den, 1.0), 0.0) + options.reg_covar
+            prior = priors.get("scale")
+            if prior is None:
+                var = jnp.maximum(num / jnp.where(den > 0, den, 1.0), 0.0) + options.reg_covar
+            else:
+                a, b = prior["concentration"], prior["rate"]
+                # the mode of the variance; a Gamma(a, b) precision has the mode of an
+                # InverseGamma(a - 2, b) variance
+                shape = a + 1.0 if reparams.get("scale") == "variance" else a - 1.0
+                rate = 0.5 * jnp.maximum(num, 0.0) + b
+                shape = 0.5 * den + shape
+                var = rate / jnp.where(shape > 0, shape, 1.0)
+                # a Gamma precision with a < 1 and too little data has its mode at 0
+                den = jnp.where(shape > 0, jnp.inf, 0.0)
             out["scale"] = _keep(den, jnp.sqrt(var), current["scale"], options.min_count)
         return out
 
@@ -255,15 +314,10 @@ class MultivariateNormalFamily(Family):
     _forms = ("covariance_matrix", "precision_matrix", "scale_tril")
     _cov_priors = {"covariance_matrix": dist.InverseWishart, "precision_matrix": dist.Wishart}
 
-    def accepts_prior(self, role, attr, prior):
-        if role == "cov":
-            return type(prior) is self._cov_priors.get(attr)
-        return super().accepts_prior(role, attr, prior)
-
-    def prior_choices(self, role, attr):
+    def prior_choices(self, role, attr, reparam=None):
         if role == "cov":
             return [self._cov_priors[attr]] if attr in self._cov_priors else []
-        return super().prior_choices(role, attr)
+        return super().prior_choices(role, attr, reparam)
 
     def cov_form(self, base) -> str:
         for form in self._forms[:2]:
@@ -291,7 +345,7 @@ class MultivariateNormalFamily(Family):
             "s2": contract_data(w[..., None], x[..., :, None], x[..., None, :]),
         }
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams):
         n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
         out = {}
         mu = jnp.zeros_like(s1)
@@ -382,7 +436,7 @@ class CategoricalFamily(Family):
         onehot = jax.nn.one_hot(value, num, dtype=weight.dtype)
         return {"counts": contract_data(weight[..., None], onehot)}
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams):
         g, nb = groups["probs"]
         counts = segment_sum(num_data * stats["counts"], g, nb)
         total = counts.sum(-1)
@@ -414,7 +468,7 @@ class _CountRateFamily(Family):
     def clip(self, value, options):
         return jnp.maximum(value, options.prob_eps)
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs):
+    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams):
         g, nb = groups[self.role]
         n = segment_sum(num_data * stats["n"], g, nb)
         s1 = segment_sum(num_data * stats["s1"], g, nb)
@@ -518,6 +572,7 @@ PRIOR_HYPERPARAMETERS = {
     dist.Dirichlet: {"concentration": True},
     dist.Beta: {"concentration1": True, "concentration0": True},
     dist.Gamma: {"concentration": True, "rate": True},
+    dist.InverseGamma: {"concentration": True, "rate": True},
     dist.InverseWishart: {"concentration": False, "scale_matrix": True},
     dist.Wishart: {"concentration": False, "scale_matrix": True},
 }

@@ -58,6 +58,9 @@ class SitePlan(NamedTuple):
         Role -> parameter block index at every grid position off the data axis.
     priors : dict[str, str | None]
         Role -> global site whose prior is conjugate to it (``None`` for ``param``).
+    reparams : dict[str, str]
+        Role -> name of the reparametrisation through which its site enters
+        (``Family.reparams``), for the roles that are not used directly.
     """
 
     site: str
@@ -70,6 +73,7 @@ class SitePlan(NamedTuple):
     groups: dict
     block_maps: dict
     priors: dict
+    reparams: dict
 
 
 class Plan:
@@ -137,11 +141,15 @@ class UnsupportedModelError(ValueError):
 
 
 def _array_attrs(fn, prefix="") -> dict:
+    """The numeric arguments of a distribution (and of the ones it wraps), as arrays.
+    NumPy scalars count: ``s ** -0.5`` of a 0-d probe array is an ``np.float32``."""
     out = {}
     for key, val in vars(fn).items():
         if isinstance(val, dist.Distribution):
             out.update(_array_attrs(val, prefix))
-        elif not key.startswith("_") and isinstance(val, jax.Array | np.ndarray | float):
+        elif not key.startswith("_") and isinstance(
+            val, jax.Array | np.ndarray | np.floating | float
+        ):
             out[prefix + key] = np.asarray(val)
     return out
 
@@ -240,7 +248,7 @@ def make_plan(
         data_axis = len(_log_prob_shape(site_id)) + plate_dim
         roles_id = family.roles(base_id)
         roles_a = family.roles(unwrap(site_a["fn"]))
-        attrs, learned, block_maps, nblocks = {}, {}, {}, {}
+        attrs, learned, block_maps, nblocks, reparams = {}, {}, {}, {}, {}
         for role, (attr, arr_id) in roles_id.items():
             attrs[role] = attr
             used_by = [n for n in names if any((sname, a) in deps[n] for a in family.attrs(role))]
@@ -255,21 +263,30 @@ def make_plan(
             pname = used_by[0]
             ev = family.role_event_ndim[role]
             role_event = tuple(np.shape(arr_id))[np.ndim(arr_id) - ev :] if ev else ()
-            block = _decode(
-                np.asarray(arr_id),
-                np.asarray(roles_a[role][1]),
-                grid,
-                role_event,
-                base[pname],
-                ids[pname],
-                rand_a[pname],
-            )
+            # used directly (possibly indexed), or through a known reparametrisation
+            for rp in (None, *family.reparams.get(role, {}).values()):
+                block = _decode(
+                    np.asarray(arr_id),
+                    np.asarray(roles_a[role][1]),
+                    grid,
+                    role_event,
+                    base[pname],
+                    ids[pname],
+                    rand_a[pname],
+                    rp,
+                )
+                if block is not None:
+                    if rp is not None:
+                        reparams[role] = rp.name
+                    break
             if block is None:
+                known = [rp.formula for rp in family.reparams.get(role, {}).values()]
+                also = f" or through one of {known}" if known else ""
                 raise UnsupportedModelError(
                     f"OnlineEM: site '{pname}' enters the {role} of {family.name} site "
                     f"'{sname}' through a transformation. The closed-form M step needs it "
                     f"used directly, possibly indexed by the enumerated latent (e.g. "
-                    f"{pname}[z]); a numerical M step for other uses is planned."
+                    f"{pname}[z]){also}; a numerical M step for other uses is planned."
                 )
             if not np.all(block == np.take(block, [0], axis=data_axis)):
                 raise UnsupportedModelError(
@@ -307,6 +324,7 @@ def make_plan(
                 groups=groups,
                 block_maps=block_maps,
                 priors={},
+                reparams=reparams,
             )
         )
 
@@ -334,15 +352,22 @@ def make_plan(
             paths[name] = "unused by the data: kept at its initial value"
             continue
         sname, role, fam = uses[name][0]
+        splan = next(sp for sp in site_plans if sp.site == sname)
+        reparam = splan.reparams.get(role)
         path = f"closed form: {fam.name} {role} of site '{sname}'"
+        if reparam is not None:
+            path += f" (as a {reparam}: {role} = {fam.reparams[role][reparam].formula})"
         if ps.kind == "global":
             prior_fn = unwrap(tr_a[name]["fn"])
-            attr = next(sp.attrs[role] for sp in site_plans if sp.site == sname)
-            allowed = fam.prior_choices(role, attr)
-            if not fam.accepts_prior(role, attr, prior_fn):
+            attr = splan.attrs[role]
+            allowed = fam.prior_choices(role, attr, reparam)
+            if not fam.accepts_prior(role, attr, prior_fn, reparam):
+                what = role
+                if reparam is not None:
+                    what = f"{reparam} ({role} = {fam.reparams[role][reparam].formula})"
                 raise UnsupportedModelError(
                     f"OnlineEM: global site '{name}' has a {type(prior_fn).__name__} prior, "
-                    f"which has no closed-form posterior mode as the {role} of "
+                    f"which has no closed-form posterior mode as the {what} of "
                     f"{fam.name} ('{attr}'). Conjugate choices: "
                     f"{[t.__name__ for t in allowed] or 'none'}; or declare it with "
                     "numpyro.param for maximum likelihood."
@@ -353,9 +378,7 @@ def make_plan(
                     f"OnlineEM: the prior of '{name}' depends on {hyper}; hierarchical "
                     "priors have no closed-form M step."
                 )
-            for sp in site_plans:
-                if sp.site == sname:
-                    sp.priors[role] = name
+            splan.priors[role] = name
             path += f", posterior mode under its {type(prior_fn).__name__} prior"
         else:
             path += ", maximum likelihood"
@@ -384,22 +407,30 @@ def make_plan(
     )
 
 
-def _decode(arr_id, arr_a, grid, role_event, base, ids, rand_a):
+def _decode(arr_id, arr_a, grid, role_event, base, ids, rand_a, reparam=None):
     """Gather map from parameter blocks to grid positions, or ``None`` if ``arr`` is not
-    a gather of the parameter."""
+    a gather of the parameter (mapped by ``reparam.forward`` when given)."""
     target = tuple(grid) + tuple(role_event)
     try:
         a = np.broadcast_to(arr_id, target)
         b = np.broadcast_to(arr_a, target)
     except ValueError:
         return None
+    atol = 1e-3
+    if reparam is not None:
+        with np.errstate(all="ignore"):
+            a = reparam.inverse(a.astype(np.float64))
+        atol = 2e-2  # the map and its inverse round twice in float32
     r = np.rint(a)
-    if not np.all(np.isfinite(a)) or not np.allclose(a, r, rtol=0, atol=1e-3):
+    if not np.all(np.isfinite(a)) or not np.allclose(a, r, rtol=0, atol=atol):
         return None
     idx = r.astype(np.int64) - base
     if idx.min() < 0 or idx.max() >= ids.size:
         return None
-    if not np.allclose(b, rand_a.reshape(-1)[idx], rtol=1e-5, atol=1e-6):
+    expected = rand_a.reshape(-1)[idx]
+    if reparam is not None:
+        expected = reparam.forward(expected)
+    if not np.allclose(b, expected, rtol=1e-5, atol=1e-6):
         return None
     if not role_event:
         return idx
