@@ -50,8 +50,8 @@ class OnlineEM:
     burn_in : float, optional
         Data points to accumulate before the first M step (statistics are their exact
         running mean). Default: ``max(20, 10 K)`` with ``K`` the largest number of
-        states of an enumerated site, and at least ``2 K D`` for a ``D``-dimensional
-        full covariance.
+        states of an enumerated site, and at least ``8 K D`` for a ``D``-dimensional
+        full covariance (see `Plan.default_burn_in`).
     polyak : bool, optional
         Polyak–Ruppert averaging of the parameters (what `get_params` returns),
         each iterate weighted by its batch's points, from ``polyak_start`` points on.
