@@ -64,8 +64,8 @@ OTHER_POINTS = 51_200  # stream length for a D not listed above
 T0 = 2.0  # offset of the Robbins-Monro steps (OnlineEM's default)
 REG_COVAR = 1e-6  # OnlineEM's and sklearn's default
 MIN_COUNT = 1e-6  # OnlineEM's default
-MIN_TIMED_SECONDS = 1.0  # short passes are timed again until they add up to this
-MAX_REPEATS = 50
+MIN_TIMED_SECONDS = 2.0  # short passes are timed again until they add up to this
+MAX_REPEATS = 100
 
 
 # ------------------------------------------------------------------------- models
@@ -331,7 +331,9 @@ class Trace(NamedTuple):
     Attributes
     ----------
     seconds : ndarray
-        Cumulative training time at each evaluation (evaluation excluded); starts at 0.
+        Training time at each evaluation: points processed over the method's measured
+        throughput (the fastest timed pass), so that a trace's clock and its throughput
+        column agree and millisecond segments add no timer jitter; starts at 0.
     points : ndarray
         Points processed at each evaluation; starts at 0.
     loglik : ndarray
@@ -358,9 +360,9 @@ class Trace(NamedTuple):
 
 
 def traced_pass(advance, get_params, state, segments, x_test, trace=None, stop_at=None):
-    """Feed ``segments`` to ``advance(state, segment)``, timing every call and
-    evaluating the held-out LL after each (untimed), appending to ``trace``. Stops
-    early once the LL reaches ``stop_at``.
+    """Feed ``segments`` to ``advance(state, segment)``, evaluating the held-out LL
+    after each, appending to ``trace`` (whose ``seconds`` are zeros until
+    `online_result` fills them in). Stops early once the LL reaches ``stop_at``.
 
     Returns
     -------
@@ -370,15 +372,14 @@ def traced_pass(advance, get_params, state, segments, x_test, trace=None, stop_a
         trace = Trace(
             np.zeros(1), np.zeros(1, int), np.array([mean_loglik(get_params(state), x_test)])
         )
-    seconds, points, loglik = list(trace.seconds), list(trace.points), list(trace.loglik)
+    points, loglik = list(trace.points), list(trace.loglik)
     for segment in segments:
         if stop_at is not None and loglik[-1] >= stop_at:
             break
-        state, dt = timed(advance, state, segment)
-        seconds.append(seconds[-1] + dt)
+        state = jax.block_until_ready(advance(state, segment))
         points.append(points[-1] + int(np.prod(segment.shape[:-1])))
         loglik.append(mean_loglik(get_params(state), x_test))
-    return state, Trace(np.array(seconds), np.array(points), np.array(loglik))
+    return state, Trace(np.zeros(len(points)), np.array(points), np.array(loglik))
 
 
 class Case(NamedTuple):
@@ -427,25 +428,17 @@ class Case(NamedTuple):
         return x.reshape(-1, self.per_eval, self.batch_size, self.d)
 
 
-def online_result(case, run, state0, get_params, timed_items, reshape, repeats, passes):
-    """Throughput and traced passes of an online method.
+def online_result(case, run, state0, get_params, timed_items, reshape, passes):
+    """Traced passes of an online method, and a timer of its full pass.
 
-    ``run(state, item)`` advances the state over one item of the stream. The throughput
-    is that of the fastest timed pass over ``timed_items``, after a first call that
-    compiles; passes are repeated at least ``repeats`` times and until they add up to
-    ``MIN_TIMED_SECONDS`` (at most ``MAX_REPEATS``). The traced passes feed
-    ``reshape(points)`` segment by segment: the stream in order, then (while the
-    held-out LL is short of ``LL* - gap``) up to ``passes.max - 1`` more passes, each
-    in a new random order. ``passes.gap`` is ``None`` for one pass only.
+    ``run(state, item)`` advances the state over one item of the stream. The traced
+    passes feed ``reshape(points)`` segment by segment: the stream in order, then
+    (while the held-out LL is short of ``LL* - gap``) up to ``passes.max - 1`` more
+    passes, each in a new random order. ``passes.gap`` is ``None`` for one pass only.
+    The result's ``timer()`` times one pass over ``timed_items`` from ``state0`` (after
+    a first call that compiles); `measure` calls it and fills in the throughput.
     """
     run(state0, reshape(case.x)[0])
-    best, spent, done = np.inf, 0.0, 0
-    while done < repeats or (spent < MIN_TIMED_SECONDS and done < MAX_REPEATS):
-        state, seconds = state0, 0.0
-        for item in timed_items:
-            state, dt = timed(run, state, item)
-            seconds += dt
-        best, spent, done = min(best, seconds), spent + seconds, done + 1
     state, trace = traced_pass(run, get_params, state0, reshape(case.x), case.x_test)
     one_pass = trace.loglik[-1]
     if passes.gap is not None:
@@ -459,12 +452,41 @@ def online_result(case, run, state0, get_params, timed_items, reshape, repeats, 
                 run, get_params, state, shuffled, case.x_test, trace, stop_at=target
             )
     hit = None if passes.gap is None else trace.first_within(case.ll_star - passes.gap)
+
+    def timer():
+        state, seconds = state0, 0.0
+        for item in timed_items:
+            state, dt = timed(run, state, item)
+            seconds += dt
+        return seconds
+
     return {
-        "throughput": len(case.x) / best,
+        "timer": timer,
+        "num_points": len(case.x),
         "gap": case.ll_star - one_pass,
         "trace": trace,
         "passes": np.inf if hit is None else trace.points[hit] / len(case.x),
     }
+
+
+def measure(results, repeats):
+    """Fill in ``throughput`` (points per second of the fastest timed pass) and the
+    traces' clocks of ``results`` from `online_result`. Their passes are timed in
+    turn, round after round (OnlineEM and its hand-written twin see the same machine
+    state), at least ``repeats`` rounds and until each method's passes add up to
+    ``MIN_TIMED_SECONDS`` (at most ``MAX_REPEATS`` rounds)."""
+    best = [np.inf] * len(results)
+    spent = [0.0] * len(results)
+    done = 0
+    while done < repeats or (min(spent) < MIN_TIMED_SECONDS and done < MAX_REPEATS):
+        for i, result in enumerate(results):
+            seconds = result["timer"]()
+            best[i], spent[i] = min(best[i], seconds), spent[i] + seconds
+        done += 1
+    for result, seconds in zip(results, best, strict=True):
+        result["throughput"] = result["num_points"] / seconds
+        trace = result["trace"]
+        result["trace"] = trace._replace(seconds=trace.points * seconds / result["num_points"])
 
 
 class Passes(NamedTuple):
@@ -476,7 +498,7 @@ class Passes(NamedTuple):
 
 
 # ------------------------------------------------------------------------ methods
-def run_onlineem(case, kappa, repeats, passes):
+def run_onlineem(case, kappa, passes):
     """OnlineEM with its defaults (``kappa=None``) or ``robbins_monro(kappa)`` steps.
     The timed pass is one ``em.run`` over the whole stream."""
     model = functools.partial(MODELS[case.covariance], K=case.k)
@@ -490,9 +512,7 @@ def run_onlineem(case, kappa, repeats, passes):
     def run(state, data):
         return em.run(key, data, batch_size=b, progress_bar=False, init_state=state).state
 
-    out = online_result(
-        case, run, state0, em.get_params, [case.x], case.segments_of, repeats, passes
-    )
+    out = online_result(case, run, state0, em.get_params, [case.x], case.segments_of, passes)
     plan = state0.plan
     polyak = kappa is None and plan.default_polyak
     out["config"] = JaxEMConfig(
@@ -503,18 +523,16 @@ def run_onlineem(case, kappa, repeats, passes):
     return out
 
 
-def run_jax(case, config, repeats, passes):
+def run_jax(case, config, passes):
     """The hand-written online EM over the same batches."""
     state0 = jax.jit(jax_init)(case.p0, jnp.asarray(case.x0))
     step = jax.jit(functools.partial(jax_scan, config))
     run = lambda s, xs: step(s, xs)[0]
     batches = lambda x: jnp.asarray(case.batches_of(x))
-    return online_result(
-        case, run, state0, lambda s: s.averaged, batches(case.x), batches, repeats, passes
-    )
+    return online_result(case, run, state0, lambda s: s.averaged, batches(case.x), batches, passes)
 
 
-def run_svi(case, lr, repeats, passes):
+def run_svi(case, lr, passes):
     """NumPyro SVI (TraceEnum_ELBO, empty guide, Adam) over the same batches."""
     model = config_enumerate(functools.partial(MODELS[case.covariance], K=case.k))
     guide = lambda *args, **kwargs: None
@@ -526,9 +544,7 @@ def run_svi(case, lr, repeats, passes):
         return jax.lax.scan(lambda s, xb: svi.update(s, xb), state, xs)[0]
 
     batches = lambda x: jnp.asarray(case.batches_of(x))
-    return online_result(
-        case, step, state0, svi.get_params, batches(case.x), batches, repeats, passes
-    )
+    return online_result(case, step, state0, svi.get_params, batches(case.x), batches, passes)
 
 
 def _sklearn_gmm(case, **kwargs):
@@ -656,7 +672,7 @@ def table_row(case, kappa_label, oem, jx, svi, skl, gap_tol, first):
 
 def flat_cost(args):
     """Seconds of updates ``[w, 2w)`` and ``[late, late + w)`` of ``OnlineEM.run`` with
-    tiny batches. Each window is timed three times from the same state (the state is an
+    tiny batches. Each window is timed ten times from the same state (the state is an
     immutable pytree), keeping the fastest."""
     d, k, b, w = args.flat_dim, args.flat_components, args.flat_batch, args.flat_window
     rng = np.random.default_rng([args.seed, 1])
@@ -674,11 +690,11 @@ def flat_cost(args):
     seconds = {}
     for i in range(1, last + 1):
         if i in (1, last):
-            seconds[i] = min(timed(run, state, windows[i % 8])[1] for _ in range(3))
+            seconds[i] = min(timed(run, state, windows[i % 8])[1] for _ in range(10))
         state = run(state, windows[i % 8])
     early, late = seconds[1], seconds[last]
     return (
-        f"Cost per update (OnlineEM.run, D={d}, K={k}, diag, batch {b}, fastest of 3): "
+        f"Cost per update (OnlineEM.run, D={d}, K={k}, diag, batch {b}, fastest of 10): "
         f"updates {w:,}-{2 * w:,}: {early:.4f} s, updates {last * w:,}-{(last + 1) * w:,}: "
         f"{late:.4f} s; ratio late/early {late / early:.2f} ({early / w * 1e6:.0f} us per "
         "update)."
@@ -735,8 +751,8 @@ def main(args):
         + ", ".join(f"D={d}: {n:,}" for d, (n, _) in sizes.items())
         + f"; {args.num_test:,} held-out points; held-out LL every 1/{args.evals} pass.\n"
         "# kpt/s: thousand points per second, compile excluded, fastest of >="
-        f" {args.repeats} passes (>= {MIN_TIMED_SECONDS:g} s of them; skl: N x iterations"
-        " / fit time). OEM = OnlineEM.run;"
+        f" {args.repeats} passes (>= {MIN_TIMED_SECONDS:g} s of them; OEM and JAX timed in"
+        " turn; skl: N x iterations / fit time). OEM = OnlineEM.run;"
         " JAX = the same math hand-written in JAX;\n"
         f"# SVI = NumPyro SVI, TraceEnum_ELBO, Adam lr={args.svi_lr}; skl = sklearn"
         f" GaussianMixture, float64, tol={args.sklearn_tol}; skl it = its iterations.\n"
@@ -745,7 +761,8 @@ def main(args):
         "# LL*: held-out mean log-lik per point of the converged batch fit. gap X = LL* - LL"
         " after one pass (skl1: after one batch EM iteration).\n"
         f"# t.02 X: training seconds until LL >= LL* - {tol}, over up to {args.max_passes}"
-        " passes (the first in stream order, then reshuffled; n/a: not reached);"
+        " passes (the first in stream order, then reshuffled; n/a: not reached): points"
+        " needed / throughput (skl: fit time x iterations needed / iterations);"
         " skl/OEM = t.02 skl / t.02 OEM (> 1: OnlineEM is faster).\n"
         "# SVI gap@T: LL* - LL of SVI after the seconds OnlineEM took for one pass."
         f" OEM passes: passes until LL >= LL* - {tol} (>cap: not within {args.max_passes}).\n"
@@ -762,8 +779,9 @@ def main(args):
                 skl = run_sklearn(case, args.sklearn_tol, args.sklearn_max_iter, tol)
                 case = case._replace(ll_star=skl["ll_star"])
                 passes = Passes(args.max_passes, tol)
-                svi = run_svi(case, args.svi_lr, args.repeats, passes)
-                oem = run_onlineem(case, None, args.repeats, passes)
+                svi = run_svi(case, args.svi_lr, passes)
+                measure([svi], args.repeats)
+                oem = run_onlineem(case, None, passes)
                 default = oem["config"]
                 rows = [
                     (f"{default.kappa:g}*" + ("+avg" * (default.polyak_start is not None)), oem)
@@ -771,10 +789,11 @@ def main(args):
                 if covariance == "full":  # the hard case: try other step exponents
                     for kappa in args.kappas:
                         if kappa != default.kappa or default.polyak_start is not None:
-                            result = run_onlineem(case, kappa, args.repeats, passes)
+                            result = run_onlineem(case, kappa, passes)
                             rows.append((f"{kappa:g}", result))
                 for i, (label, result) in enumerate(rows):
-                    jx = run_jax(case, result["config"], args.repeats, passes)
+                    jx = run_jax(case, result["config"], passes)
+                    measure([result, jx], args.repeats)
                     print(table_row(case, label, result, jx, svi, skl, tol, i == 0), flush=True)
     print()
     print(flat_cost(args), flush=True)

@@ -15,7 +15,7 @@ from numpyro_onlineem import core
 from numpyro_onlineem.initialization import INIT_MODES, data_driven_init
 from numpyro_onlineem.model import classify_sites, enum_trace, trace_model
 from numpyro_onlineem.mstep.expfam import MStepOptions
-from numpyro_onlineem.mstep.plan import make_plan
+from numpyro_onlineem.mstep.plan import MSTEP_PATHS, make_plan
 from numpyro_onlineem.schedules import Schedule, as_schedule
 from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState, UpdateInfo
 from numpyro_onlineem.validation import check_inputs
@@ -67,6 +67,13 @@ class OnlineEM:
         Added to every variance, as in scikit-learn's ``GaussianMixture``.
     min_count : float
         Parameter blocks with fewer expected data points than this keep their value.
+    mstep : dict[str, str], optional
+        The M step of chosen estimated sites, by name: ``"closed_form"`` (the default
+        for every site; an error names the site when the model uses it in a way no
+        closed form covers) or ``"fixed"`` (held at its initial value, from the model,
+        its prior median or ``init_params``; never initialised from data). A fixed site
+        is a constant to the other sites' M steps, so it may enter the model in any
+        way. `mstep_paths` reports the path each site takes.
     data_plate : str, optional
         Name of the data plate, when it cannot be inferred.
     chunk_size : int
@@ -92,6 +99,7 @@ class OnlineEM:
         init: str = "auto",
         reg_covar: float = 1e-6,
         min_count: float = 1e-6,
+        mstep: dict[str, str] | None = None,
         data_plate: str | None = None,
         chunk_size: int = 100,
     ):
@@ -105,7 +113,14 @@ class OnlineEM:
             raise ValueError(f"OnlineEM: chunk_size must be >= 1, got {chunk_size}.")
         if polyak_start is not None and polyak_start < 0:
             raise ValueError(f"OnlineEM: polyak_start must be >= 0, got {polyak_start}.")
+        mstep = dict(mstep or {})
+        for name, path in mstep.items():
+            if path not in MSTEP_PATHS:
+                raise ValueError(
+                    f"OnlineEM: mstep['{name}'] must be one of {MSTEP_PATHS}, got {path!r}."
+                )
         self.model = model
+        self.mstep = mstep
         self.init_mode = init
         self.data_plate = data_plate
         self.chunk_size = int(chunk_size)
@@ -151,12 +166,13 @@ class OnlineEM:
         key_trace, key_init, key_state = jax.random.split(rng_key, 3)
         trace = trace_model(self.model, args, kwargs, init_params, key_trace)
         sites = classify_sites(trace, self.data_plate)
-        unknown = set(init_params) - set(sites.params)
-        if unknown:
-            raise ValueError(
-                f"OnlineEM.init: init_params names {sorted(unknown)}, which are not "
-                f"estimated sites of the model ({sorted(sites.params)})."
-            )
+        for what, names in (("init_params", init_params), ("OnlineEM(mstep=...)", self.mstep)):
+            unknown = set(names) - set(sites.params)
+            if unknown:
+                raise ValueError(
+                    f"OnlineEM.init: {what} names {sorted(unknown)}, which are not "
+                    f"estimated sites of the model ({sorted(sites.params)})."
+                )
         dtype = jnp.result_type(float)
         params = {}
         for name, ps in sites.params.items():
@@ -164,7 +180,8 @@ class OnlineEM:
             if value.shape != ps.shape:
                 raise ValueError(f"OnlineEM.init: site '{name}' has shape {value.shape}.")
             params[name] = value
-        plan = make_plan(self.model, sites, params, args, kwargs)
+        fixed = frozenset(name for name, path in self.mstep.items() if path == "fixed")
+        plan = make_plan(self.model, sites, params, args, kwargs, fixed)
         if self.init_mode != "model":
             etrace = enum_trace(self.model, sites, params, args, kwargs)
             params, report = data_driven_init(
@@ -209,7 +226,8 @@ class OnlineEM:
         return dict(state.averaged)
 
     def mstep_paths(self, state: OnlineEMState) -> dict:
-        """For each estimated site, the M step it takes, in words."""
+        """For each estimated site, the M step it takes (and, for a location-like site,
+        where its initial value came from), in words."""
         return dict(state.plan.paths)
 
     # ------------------------------------------------------------- inference

@@ -27,5 +27,13 @@ def test_quickstart_blocks_run_in_order():
                 "closed form: Normal scale of site 'obs' (as a precision: scale = tau ** -0.5), "
                 "posterior mode under its Gamma prior"
             )
+        if 'mstep={"weights": "fixed"}' in block:
+            assert namespace["em"].mstep_paths(namespace["state"])["weights"] == (
+                "fixed at its initial value"
+            )
+            np.testing.assert_array_equal(
+                namespace["em"].get_params(namespace["state"])["weights"],
+                np.float32([0.3, 0.3, 0.4]),
+            )
         if "update_with_info" in block:
             np.testing.assert_allclose(float(namespace["info"].step_size), 502**-0.6, rtol=1e-6)

@@ -140,6 +140,10 @@ class Plan:
         return f"Plan({body})"
 
 
+MSTEP_PATHS = ("closed_form", "fixed")
+"""The M steps a site can be given with ``OnlineEM(mstep={site: path})``."""
+
+
 class UnsupportedModelError(ValueError):
     """The model uses an estimated site in a way no available M step covers."""
 
@@ -191,8 +195,15 @@ def make_plan(
     params: dict,
     args: tuple,
     kwargs: dict,
+    fixed: frozenset = frozenset(),
 ) -> Plan:
     """Recognise the closed-form M step of every estimated site (see module docstring).
+
+    Parameters
+    ----------
+    fixed : frozenset of str
+        Estimated sites held at their value in ``params`` (the ``"fixed"`` M step): the
+        model sees them as constants, so they may enter it in any way.
 
     Raises
     ------
@@ -201,7 +212,8 @@ def make_plan(
         closed form covers.
     """
     dtype = jnp.result_type(float)
-    names = list(sites.params)
+    names = [name for name in sites.params if name not in fixed]
+    constants = {name: params[name] for name in sites.params if name in fixed}
     ids, rand_a, rand_b, base = {}, {}, {}, {}
     offset = 1
     keys = jax.random.split(jax.random.PRNGKey(20091), 2 * max(len(names), 1))
@@ -223,7 +235,7 @@ def make_plan(
         )
 
     def run(values):
-        tr = enum_trace(model, sites, values, args, kwargs)
+        tr = enum_trace(model, sites, {**constants, **values}, args, kwargs)
         return tr, {s["name"]: _array_attrs(s["fn"]) for s in tr.values() if s["type"] == "sample"}
 
     tr_id, _ = run(ids)
@@ -310,7 +322,16 @@ def make_plan(
         inverse = inverse.reshape(-1)
         groups = {r: (cells[:, i].astype(np.int32), nblocks[r]) for i, r in enumerate(learned)}
         if family.name == "MultivariateNormal" and "loc" in learned:
-            if len(np.unique(groups["loc"][0])) != len(cells):
+            tied = len(np.unique(groups["loc"][0])) != len(cells)
+            if "cov" not in learned:  # a constant covariance: one per location
+                cov = np.asarray(roles_a["cov"][1])
+                cov = np.broadcast_to(cov, tuple(grid) + cov.shape[-2:])
+                cov = np.take(cov, 0, axis=data_axis).reshape((-1,) + cov.shape[-2:])
+                tied = any(
+                    not np.allclose(cov[inverse == c], cov[inverse == c][:1])
+                    for c in range(len(cells))
+                )
+            if tied:
                 raise UnsupportedModelError(
                     f"OnlineEM: MultivariateNormal site '{sname}' ties one location across "
                     "several covariances; give each component its own location."
@@ -332,7 +353,7 @@ def make_plan(
             )
         )
 
-    paths = {}
+    paths = {name: "fixed at its initial value" for name in sites.params if name in fixed}
     for name in names:
         ps = sites.params[name]
         covered = {(s, a) for s, role, fam in uses[name] for a in fam.attrs(role)}
