@@ -414,12 +414,14 @@ def _scan(config, state, arrays, static):
 
 def _loglik(config, state, arrays, static):
     args, kwargs = _merge(arrays, static)
-    return core.log_likelihood(config, state.plan.model_sites, state.averaged, args, kwargs)
+    sites = state.plan.model_sites
+    return core.log_likelihood(config, sites, state.averaged, args, kwargs, state.shifts)
 
 
 def _marginals(config, state, arrays, static):
     args, kwargs = _merge(arrays, static)
-    return core.marginals(config, state.plan.model_sites, state.averaged, args, kwargs)
+    sites = state.plan.model_sites
+    return core.marginals(config, sites, state.averaged, args, kwargs, state.shifts)
 
 
 def _as_call(item) -> tuple[tuple, dict]:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from numpyro_onlineem.estep.enumerate import e_step, num_data
 from numpyro_onlineem.model import ModelSites, enum_trace
@@ -65,26 +66,72 @@ def _align(arr: jax.Array, ndim: int) -> jax.Array:
     return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
 
 
-def batch_statistics(
-    config: Config, plan: Plan, params: dict, args: tuple, kwargs: dict
-) -> tuple[jax.Array, dict, int, float, OrderedDict]:
-    """E step on one batch.
+def data_shifts(plan: Plan, trace: OrderedDict) -> dict:
+    r"""Reference points $c$ about which the statistics of Gaussian sites are taken:
+    the mean of the batch's data over the data axis, per coordinate, or over every
+    coordinate when a cell pools several (`SitePlan.pooled_shift`).
 
     Returns
     -------
+    dict[str, Array]
+        Site -> $c$, shaped like the site's value aligned to its grid, size one on the
+        data axis (and everywhere when pooled). Only sites whose family has a
+        ``shift_role`` that is estimated.
+    """
+    out = {}
+    for sp in plan.sites:
+        fam = sp.family
+        if fam.shift_role is None or fam.shift_role not in sp.learned:
+            continue
+        grid, _ = site_grid(trace[sp.site])
+        value = _align(trace[sp.site]["value"], len(grid) + fam.value_event_ndim)
+        value = value.astype(jnp.result_type(float))
+        axis = None if sp.pooled_shift else sp.data_axis
+        out[sp.site] = jnp.mean(value, axis=axis, keepdims=True)
+    return out
+
+
+class BatchStatistics(NamedTuple):
+    r"""What the E step of one batch gives the update.
+
+    Attributes
+    ----------
     loglik : Array, shape (batch,)
-        $\\log p(x_i \\mid \\theta)$.
+        $\log p(x_i \mid \theta)$.
     stats : dict
         Site -> statistic -> array of shape ``(num_cells, ...)``: the batch mean of the
-        expected sufficient statistics.
+        expected sufficient statistics (about the reference points ``shifts``).
     batch_size, total_size : int, float
         Points in the batch, and in the data plate (``N`` of a subsampled plate).
     trace : OrderedDict
         The enumerated trace (the M step reads the priors' hyperparameters from it).
+    shifts : dict
+        The reference points used (`data_shifts`).
     """
+
+    loglik: jax.Array
+    stats: dict
+    batch_size: int
+    total_size: float
+    trace: OrderedDict
+    shifts: dict
+
+
+def batch_statistics(
+    config: Config,
+    plan: Plan,
+    params: dict,
+    shifts: dict | None,
+    args: tuple,
+    kwargs: dict,
+) -> BatchStatistics:
+    """E step on one batch, with statistics about ``shifts`` (``None``: about this
+    batch's own `data_shifts`, as at ``init``)."""
     sites = plan.model_sites
     trace = enum_trace(config.model, sites, params, args, kwargs)
-    res = e_step(trace, sites)
+    if shifts is None:
+        shifts = data_shifts(plan, trace)
+    res = e_step(trace, sites, shifts)
     batch_size, total_size = num_data(trace, sites)
     stats = {}
     for sp in plan.sites:
@@ -95,6 +142,9 @@ def batch_statistics(
         w = res.weights[sp.site]
         w = w.reshape(w.shape + (1,) * (nd - w.ndim))
         value = _align(site["value"], nd + fam.value_event_ndim)
+        if sp.site in shifts:
+            # the same expression as the E step's centring: XLA computes it once
+            value = value.astype(jnp.result_type(float)) - shifts[sp.site]
         consts = {}
         for role, (_, arr) in fam.roles(base).items():
             if role not in sp.learned:
@@ -102,16 +152,31 @@ def batch_statistics(
         moved = [jnp.moveaxis(a, sp.data_axis, 0) for a in (w, value)]
         consts = {k: jnp.moveaxis(v, sp.data_axis, 0) for k, v in consts.items()}
         raw = fam.suff_stats(moved[1], moved[0], consts, base)
-        rest = grid[: sp.data_axis] + grid[sp.data_axis + 1 :]
-        out = {}
-        for k, v in raw.items():
-            event = v.shape[nd - 1 :]
-            v = jnp.broadcast_to(v, rest + event).reshape((-1,) + event)
-            if sp.cell_ids is not None:
-                v = jax.ops.segment_sum(v, sp.cell_ids, num_segments=sp.num_cells)
-            out[k] = v / batch_size
+        out = {k: _to_cells(v, sp, grid, v.shape[nd - 1 :]) / batch_size for k, v in raw.items()}
         stats[sp.site] = out
-    return res.loglik, stats, batch_size, total_size, trace
+    return BatchStatistics(res.loglik, stats, batch_size, total_size, trace, shifts)
+
+
+def _to_cells(v: jax.Array, sp, grid: tuple, event: tuple) -> jax.Array:
+    """Sum an array over the grid positions off the data axis into cells:
+    ``(num_cells, *event)``."""
+    rest = grid[: sp.data_axis] + grid[sp.data_axis + 1 :]
+    v = jnp.broadcast_to(v, rest + event).reshape((-1,) + event)
+    if sp.cell_ids is not None:
+        v = jax.ops.segment_sum(v, sp.cell_ids, num_segments=sp.num_cells)
+    return v
+
+
+def _cell_shift(shift: jax.Array, sp, grid: tuple, event_ndim: int) -> jax.Array:
+    """The reference point of every cell, ``(num_cells, *value_event)``, from a site's
+    shift (constant within each cell by construction)."""
+    shift = jnp.moveaxis(jnp.broadcast_to(shift, shift.shape), sp.data_axis, 0)[0]
+    event = tuple(shift.shape[shift.ndim - event_ndim :]) if event_ndim else ()
+    total = _to_cells(shift, sp, grid, event)
+    if sp.cell_ids is None:
+        return total
+    counts = np.bincount(sp.cell_ids, minlength=sp.num_cells).astype(float)
+    return total / counts.reshape((-1,) + (1,) * event_ndim)
 
 
 def _prior_blocks(fn, shape: tuple, role_event: tuple) -> dict:
@@ -129,11 +194,24 @@ def _prior_blocks(fn, shape: tuple, role_event: tuple) -> dict:
     return out
 
 
-def m_step(config: Config, plan: Plan, params: dict, stats: dict, total_size: float, trace):
-    """Closed-form M step of every planned site, from the running statistics."""
+def m_step(
+    config: Config,
+    plan: Plan,
+    params: dict,
+    stats: dict,
+    shifts: dict,
+    total_size: float,
+    trace,
+):
+    """Closed-form M step of every planned site, from the running statistics (taken
+    about ``shifts``)."""
     new = dict(params)
     for sp in plan.sites:
         fam = sp.family
+        shift = None
+        if sp.site in shifts:
+            grid, _ = site_grid(trace[sp.site])
+            shift = _cell_shift(shifts[sp.site], sp, grid, fam.value_event_ndim)
         maps = {role: fam.reparams[role][name] for role, name in sp.reparams.items()}
         current, priors, events = {}, {}, {}
         for role, pname in sp.learned.items():
@@ -157,6 +235,7 @@ def m_step(config: Config, plan: Plan, params: dict, stats: dict, total_size: fl
             config.options,
             dict(sp.attrs),
             dict(sp.reparams),
+            shift,
         )
         for role, value in out.items():
             pname = sp.learned[role]
@@ -169,14 +248,16 @@ def m_step(config: Config, plan: Plan, params: dict, stats: dict, total_size: fl
 def init_state(
     config: Config, plan: Plan, params: dict, rng_key: jax.Array, args: tuple, kwargs: dict
 ) -> OnlineEMState:
-    """State whose statistics are those of the init batch under ``params``."""
-    _, stats, batch_size, _, _ = batch_statistics(config, plan, params, args, kwargs)
+    """State whose statistics are those of the init batch under ``params``, about the
+    init batch's mean (`data_shifts`)."""
+    batch = batch_statistics(config, plan, params, None, args, kwargs)
     return OnlineEMState(
         params=params,
-        stats=stats,
+        stats=batch.stats,
+        shifts=batch.shifts,
         averaged=params,
         count=jnp.zeros((), jnp.int32),
-        num_seen=jnp.asarray(batch_size, jnp.result_type(float)),
+        num_seen=jnp.asarray(batch.batch_size, jnp.result_type(float)),
         rng_key=rng_key,
         plan=plan,
     )
@@ -190,10 +271,9 @@ def update(
     Pure and jittable; the state's size is independent of how much data was seen.
     """
     plan = state.plan
-    loglik, batch, batch_size, total_size, trace = batch_statistics(
-        config, plan, state.params, args, kwargs
-    )
-    loss = -jnp.mean(loglik)
+    res = batch_statistics(config, plan, state.params, state.shifts, args, kwargs)
+    batch, batch_size = res.stats, res.batch_size
+    loss = -jnp.mean(res.loglik)
     dtype = state.num_seen.dtype
     seen = state.num_seen + batch_size
     burn_in = plan.default_burn_in if config.burn_in is None else config.burn_in
@@ -212,7 +292,7 @@ def update(
     stats = jax.tree.map(
         lambda s, b: s + gamma.astype(s.dtype) * (jnp.where(finite, b, s) - s), state.stats, batch
     )
-    proposed = m_step(config, plan, state.params, stats, total_size, trace)
+    proposed = m_step(config, plan, state.params, stats, state.shifts, res.total_size, res.trace)
     apply = finite & ~in_burn_in
     params = jax.tree.map(lambda new, old: jnp.where(apply, new, old), proposed, state.params)
 
@@ -232,6 +312,7 @@ def update(
     new_state = OnlineEMState(
         params=params,
         stats=stats,
+        shifts=state.shifts,
         averaged=averaged,
         count=state.count + finite.astype(state.count.dtype),
         num_seen=jnp.where(finite, seen, state.num_seen),
@@ -243,17 +324,20 @@ def update(
 
 
 def log_likelihood(
-    config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict
+    config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict, shifts=None
 ) -> jax.Array:
-    """Per-datum marginal log-likelihood $\\log p(x_i \\mid \\theta)$, shape (batch,)."""
+    """Per-datum marginal log-likelihood $\\log p(x_i \\mid \\theta)$, shape (batch,)
+    (Gaussian forms written about ``shifts``, see `data_shifts`)."""
     trace = enum_trace(config.model, sites, params, args, kwargs)
-    return e_step(trace, sites).loglik
+    return e_step(trace, sites, shifts).loglik
 
 
-def marginals(config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict) -> dict:
+def marginals(
+    config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict, shifts=None
+) -> dict:
     """Posterior marginals of every enumerated site, each of shape ``(batch, K)``."""
     trace = enum_trace(config.model, sites, params, args, kwargs)
-    res = e_step(trace, sites)
+    res = e_step(trace, sites, shifts)
     out = {}
     for name in sites.enumerated:
         w = res.weights[name]

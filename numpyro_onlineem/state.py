@@ -20,6 +20,11 @@ class OnlineEMState(NamedTuple):
     stats : dict[str, dict[str, Array]]
         Running averages $\hat s_n$ of the expected sufficient statistics per
         datum, keyed by observed or latent site, then by statistic; leading axis: cells.
+        Gaussian sites hold moments about ``shifts``.
+    shifts : dict[str, Array]
+        Fixed reference points $c$ of the Gaussian sites' statistics: the init batch's
+        mean per coordinate (statistics of $x - c$, so that float32 moments of data far
+        from the origin keep their precision). Set at ``init``, never updated.
     averaged : dict[str, Array]
         Polyak–Ruppert average of ``params`` (equal to ``params`` when averaging is off
         or has not started). `OnlineEM.get_params` returns it.
@@ -35,6 +40,7 @@ class OnlineEMState(NamedTuple):
 
     params: dict
     stats: dict
+    shifts: dict
     averaged: dict
     count: jax.Array
     num_seen: jax.Array

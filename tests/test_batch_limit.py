@@ -4,8 +4,14 @@ iterates must equal scikit-learn's GaussianMixture EM iterates from the same sta
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
+from numpyro.distributions import constraints
+from scipy.special import logsumexp
+from scipy.stats import norm
 from sklearn.mixture import GaussianMixture
 
 from numpyro_onlineem import OnlineEM
@@ -62,3 +68,76 @@ def test_iterates_equal_sklearn(rng, x64, cov_type, num_iters):
         np.testing.assert_allclose(params["scales"] ** 2, gm.covariances_, atol=1e-4)
     else:
         np.testing.assert_allclose(params["covs"], gm.covariances_, atol=1e-4)
+
+
+@pytest.mark.parametrize("cov_type", ["diag", "full"])
+def test_float32_far_from_the_origin_equals_sklearn(rng, cov_type):
+    # raw float32 moments of data 10^4 from the origin lose the variance (ulp 1e-3 at
+    # 1e4, squared: 1e8 +- 10); moments about the init batch's mean keep it
+    x = (_data(rng, n=2000, d=2) * 0.25 + 1e4).astype(np.float32)
+    k, d = 3, 2
+    # float64 starting means: given float32 ones, scikit-learn computes in float32 too
+    means = x[rng.choice(len(x), k, replace=False)].astype(np.float64)
+    weights = np.full(k, 1 / k)
+    covs = (
+        np.full((k, d), 0.5) if cov_type == "diag" else np.broadcast_to(0.5 * np.eye(d), (k, d, d))
+    )
+    init = {"weights": weights, "locs": means}
+    if cov_type == "diag":
+        model, init["scales"] = gmm_diag, np.sqrt(covs)
+    else:
+        model, init["covs"] = gmm_full, covs
+    em = OnlineEM(model, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x, init_params=init)
+    for _ in range(5):
+        state, _ = em.update(state, x)
+    params = em.get_params(state)
+    assert params["locs"].dtype == np.float32
+    gm = _sklearn_iterate(x.astype(np.float64), cov_type, weights, means, covs, 5)
+    # float32 locations 1e4 from the origin are themselves only good to ~1e-3: that,
+    # not the statistics, bounds the agreement
+    np.testing.assert_allclose(params["weights"], gm.weights_, atol=5e-4)
+    np.testing.assert_allclose(params["locs"], gm.means_, rtol=1e-7, atol=0)
+    cov = params["scales"] ** 2 if cov_type == "diag" else params["covs"]
+    np.testing.assert_allclose(cov, gm.covariances_, rtol=2e-3, atol=2e-4)
+
+
+def _shared_location_model(x, K=2):
+    """One location and scale per component, shared by every coordinate: a cell pools
+    coordinates, so the statistics' reference point is one number."""
+    weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+    locs = numpyro.param("locs", jnp.zeros(K))
+    scales = numpyro.param("scales", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        fn = dist.Normal(locs[z][..., None], scales[z][..., None])
+        numpyro.sample("obs", fn.expand(z.shape + x.shape[-1:]).to_event(1), obs=x)
+
+
+def test_shared_location_far_from_the_origin_equals_numpy_em(rng):
+    z = rng.integers(0, 2, 1000)
+    x = np.array([0.0, 3.0])[z][:, None] + np.array([0.5, 1.0])[z][:, None] * rng.normal(
+        size=(1000, 4)
+    )
+    x = (x + 1e3).astype(np.float32)
+    init = {
+        "weights": np.array([0.5, 0.5]),
+        "locs": np.array([999.0, 1004.0]),
+        "scales": np.ones(2),
+    }
+    em = OnlineEM(_shared_location_model, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x, init_params=init)
+    for _ in range(5):
+        state, _ = em.update(state, x)
+    w, mu, sd, x64 = init["weights"], init["locs"], init["scales"], x.astype(np.float64)
+    for _ in range(5):  # NumPy batch EM, float64
+        logp = np.log(w) + norm.logpdf(x64[:, :, None], mu, sd).sum(1)
+        r = np.exp(logp - logsumexp(logp, axis=1, keepdims=True))
+        n = r.sum(0)
+        mu = (r * x64.sum(1, keepdims=True)).sum(0) / (4 * n)
+        sd = np.sqrt((r * ((x64[:, :, None] - mu) ** 2).sum(1)).sum(0) / (4 * n) + 1e-6)
+        w = n / len(x)
+    params = em.get_params(state)
+    np.testing.assert_allclose(params["weights"], w, atol=1e-4)
+    np.testing.assert_allclose(params["locs"], mu, rtol=1e-6, atol=0)  # a few float32 ulps
+    np.testing.assert_allclose(params["scales"], sd, rtol=1e-3)

@@ -55,17 +55,22 @@ class EStepResult(NamedTuple):
     trace: OrderedDict
 
 
-def local_log_probs(trace: OrderedDict, sites: ModelSites) -> tuple[dict, tuple]:
+def local_log_probs(
+    trace: OrderedDict, sites: ModelSites, centers: dict | None = None
+) -> tuple[dict, tuple]:
     """Unscaled log-probabilities of the local sites and their funsor layouts.
 
     Sites of a recognised family with ``to_event`` dimensions are computed by matrix
-    products (`numpyro_onlineem.estep.logprob`); the others by their ``log_prob``.
+    products (`numpyro_onlineem.estep.logprob`), written about ``centers[name]`` where
+    given (the reference points of the statistics, so that the centred data are
+    computed once for both); the others by their ``log_prob``.
     """
+    centers = centers or {}
     log_probs, layout = {}, []
     for name in sites.local:
         site = trace[name]
         fn, value = site["fn"], site["value"]
-        lp = None if site["intermediates"] else fast_log_prob(fn, value)
+        lp = None if site["intermediates"] else fast_log_prob(fn, value, centers.get(name))
         if lp is None:
             lp = (
                 fn.log_prob(value, site["intermediates"])
@@ -110,9 +115,10 @@ def _contract(log_probs: dict, layout: tuple, sites: ModelSites, plates: frozens
     return data
 
 
-def e_step(trace: OrderedDict, sites: ModelSites) -> EStepResult:
-    """Exact posterior weights of every local factor of an enumerated trace."""
-    log_probs, layout = local_log_probs(trace, sites)
+def e_step(trace: OrderedDict, sites: ModelSites, centers: dict | None = None) -> EStepResult:
+    """Exact posterior weights of every local factor of an enumerated trace
+    (``centers``: see `local_log_probs`)."""
+    log_probs, layout = local_log_probs(trace, sites, centers)
     plates = frozenset(
         f.name for n in sites.local for f in trace[n]["cond_indep_stack"] if f.dim is not None
     )

@@ -18,9 +18,11 @@ tensor. This is how hand-written mixture code computes its densities (scikit-lea
 Only sites with reinterpreted dimensions (``to_event``) of a family that gives a
 ``linear_form`` take this path, and ``MultivariateNormal`` sites of up to
 ``WHITEN_MAX_DIM`` dimensions (through their whitening matrices); every other site uses
-the distribution's own ``log_prob``. The Gaussian forms are centred on the mean
-location over components, so that float32 cancellation stays at the scale of the
-spread of the data around the components, not of its distance from the origin.
+the distribution's own ``log_prob``. The Gaussian forms are written about a centre:
+the reference point of the statistics when the caller gives one (so that the centred
+data are computed once for the E step and the statistics), else the mean location over
+components, so that float32 cancellation stays at the scale of the spread of the data,
+not of its distance from the origin.
 """
 
 from __future__ import annotations
@@ -104,19 +106,26 @@ def sum_trailing(a, grid: tuple, num: int) -> jax.Array:
     return jnp.sum(a, axis=axes) * factor
 
 
-def fast_log_prob(fn: dist.Distribution, value: jax.Array) -> jax.Array | None:
+def fast_log_prob(
+    fn: dist.Distribution, value: jax.Array, center: jax.Array | None = None
+) -> jax.Array | None:
     """``fn.log_prob(value)`` by matrix products where ``fn`` qualifies (see the module
-    docstring), else ``None``."""
+    docstring), else ``None``. ``center``: the point the Gaussian forms are written
+    about, broadcastable to ``value`` aligned to the site's grid (``None``: the mean
+    location over components)."""
     base = unwrap(fn)
     if type(base) is dist.MultivariateNormal:
         if base.event_shape[-1] > WHITEN_MAX_DIM:
             return None
-        return whitened_log_prob(fn, base, value)
-    return linear_log_prob(fn, value)
+        return whitened_log_prob(fn, base, value, center)
+    return linear_log_prob(fn, value, center)
 
 
 def whitened_log_prob(
-    fn: dist.Distribution, base: dist.MultivariateNormal, value: jax.Array
+    fn: dist.Distribution,
+    base: dist.MultivariateNormal,
+    value: jax.Array,
+    center: jax.Array | None = None,
 ) -> jax.Array:
     r"""``MultivariateNormal`` log-density through its whitening matrices
     $U_k = L_k^{-\top}$ (one triangular solve per component, not per datum):
@@ -135,7 +144,8 @@ def whitened_log_prob(
     tril = align(base.scale_tril, nd + 2).astype(ftype)
     loc = align(base.loc, nd + 1).astype(ftype)
     x = align(value, nd + 1).astype(ftype)
-    center = jnp.mean(loc, axis=tuple(range(nd)), keepdims=True)
+    if center is None:
+        center = jnp.mean(loc, axis=tuple(range(nd)), keepdims=True)
     eye = jnp.broadcast_to(jnp.eye(d, dtype=ftype), tril.shape)
     whiten = jnp.swapaxes(jax.scipy.linalg.solve_triangular(tril, eye, lower=True), -1, -2)
     y = _matvec(x - center, whiten) - _matvec(loc - center, whiten)
@@ -161,7 +171,9 @@ def _matvec(v: jax.Array, m: jax.Array) -> jax.Array:
     return res.reshape(tuple(shape) + (m.shape[-1],))
 
 
-def linear_log_prob(fn: dist.Distribution, value: jax.Array) -> jax.Array | None:
+def linear_log_prob(
+    fn: dist.Distribution, value: jax.Array, center: jax.Array | None = None
+) -> jax.Array | None:
     """``fn.log_prob(value)`` by matrix products, or ``None`` when ``fn`` does not
     qualify (no reinterpreted dimensions, or a family without a linear form).
 
@@ -171,6 +183,8 @@ def linear_log_prob(fn: dist.Distribution, value: jax.Array) -> jax.Array | None
         ``Independent`` (possibly over ``ExpandedDistribution``) of a scalar family.
     value : Array
         Broadcastable to ``fn.batch_shape + fn.event_shape``.
+    center : Array, optional
+        Passed to the family's ``linear_form``.
 
     Returns
     -------
@@ -193,7 +207,7 @@ def linear_log_prob(fn: dist.Distribution, value: jax.Array) -> jax.Array | None
     ftype = jnp.result_type(float)
     params = {role: align(arr, nd).astype(ftype) for role, (_, arr) in family.roles(base).items()}
     x = align(value, nd).astype(ftype)
-    pairs, a, log_h = family.linear_form(x, params, num)
+    pairs, a, log_h = family.linear_form(x, params, num, center)
     lp = contract_pairs(pairs, num)
     lp = lp - sum_trailing(a, grid, num) + sum_trailing(log_h, grid, num)
     return jnp.broadcast_to(lp, lp_shape)

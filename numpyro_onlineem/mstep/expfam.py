@@ -8,10 +8,16 @@ Each family is one entry of `FAMILIES`, with the same small interface:
 * ``suff_stats(value, weight, consts, base)``: the weighted statistics
   $\sum_i w_i\, T(x_i)$, summed over the data axis (axis 0); ``consts`` holds
   the roles that are not estimated (absorbed into the statistics).
-* ``m_step(stats, groups, current, priors, num_data, options, attrs)``: the maximiser of
+* ``m_step(stats, groups, current, priors, num_data, options, attrs, reparams, shift)``:
+  the maximiser of
   $N \langle s, \phi(\theta)\rangle - N\psi(\theta) + \log \pi(\theta)$ over the
   learned roles, or its conditional maximiser role by role (ECM) where roles are
   coupled.
+
+Gaussian families (``shift_role = "loc"``) take their moments about a fixed reference
+point $c$ per cell, the mean of the init batch: ``value`` arrives as $x - c$ and the
+M step receives $c$ as ``shift``. Raw moments $\sum w x^2$ of float32 data a thousand
+units from the origin lose the variance to cancellation; moments about $c$ keep it.
 
 Statistics live on *cells*: the distinct combinations of parameter elements used at
 one position of the site. ``groups[role]`` maps each cell to the parameter block it
@@ -142,6 +148,9 @@ class Family:
     reparams: dict = {}
     # roles whose data-driven initialisation from cluster centres makes sense
     center_roles: tuple = ()
+    # role whose estimation makes the statistics moments about a fixed reference point
+    # (the Gaussian location), or None: statistics of the value itself
+    shift_role: str | None = None
 
     def roles(self, base: dist.Distribution) -> dict:
         """Role name -> (distribution attribute name, array)."""
@@ -169,24 +178,30 @@ class Family:
 
     has_linear_form: bool = False
 
-    def linear_form(self, value, params, num_event) -> tuple[list, Any, Any]:
+    def linear_form(self, value, params, num_event, center=None) -> tuple[list, Any, Any]:
         r"""Elementwise exponential-family form of the log-density,
         $\log p(x \mid \theta) = \sum_j T_j(x)\, \eta_j(\theta) - A(\theta) + \log h(x)$.
 
         ``value`` and every ``params[role]`` have the same ndim and broadcast together;
         the last ``num_event`` axes are summed by the caller
-        (`numpyro_onlineem.estep.logprob`). Returns ``([(T_j, eta_j), ...], A, log_h)``,
-        every array of that ndim (or a Python float).
+        (`numpyro_onlineem.estep.logprob`). ``center``, broadcastable to ``value``, is a
+        point the form may be written about (families with a ``shift_role``); ``None``:
+        the family's choice. Returns ``([(T_j, eta_j), ...], A, log_h)``, every array of
+        that ndim (or a Python float).
         """
         raise NotImplementedError
 
     def suff_stats(self, value, weight, consts, base) -> dict:
         raise NotImplementedError
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams) -> dict:
+    def m_step(
+        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+    ) -> dict:
         """Closed-form M step (see the module docstring). ``current`` holds role values
         (reparametrised sites already mapped forward); ``reparams`` names the
-        reparametrisation of each role that has one; the result is in role values."""
+        reparametrisation of each role that has one; ``shift`` is the reference point
+        of every cell, shape ``(num_cells, *value_event)``, for statistics taken about
+        one (``None``: about the origin); the result is in role values."""
         raise NotImplementedError
 
     def from_centers(self, role: str, centers: jax.Array, options: MStepOptions) -> jax.Array:
@@ -224,6 +239,7 @@ class NormalFamily(Family):
         }
     }
     center_roles = ("loc",)
+    shift_role = "loc"
 
     def roles(self, base):
         return {"loc": ("loc", base.loc), "scale": ("scale", base.scale)}
@@ -233,11 +249,12 @@ class NormalFamily(Family):
 
     has_linear_form = True
 
-    def linear_form(self, value, params, num_event):
-        # centred on the mean location over the non-event axes: (x - c) and (mu - c)
-        # stay at the scale of the spread of the data around the components
+    def linear_form(self, value, params, num_event, center=None):
+        # centred (by default on the mean location over the non-event axes): (x - c) and
+        # (mu - c) stay at the scale of the spread of the data around the components
         loc, scale = params["loc"], params["scale"]
-        center = jnp.mean(loc, axis=tuple(range(loc.ndim - num_event)), keepdims=True)
+        if center is None:
+            center = jnp.mean(loc, axis=tuple(range(loc.ndim - num_event)), keepdims=True)
         x, mu = value - center, loc - center
         prec = 1.0 / scale**2
         a = 0.5 * mu * mu * prec + jnp.log(scale) + 0.5 * jnp.log(2.0 * jnp.pi)
@@ -252,15 +269,18 @@ class NormalFamily(Family):
             "s2": contract_data(w, x * x),
         }
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams):
+    def m_step(
+        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+    ):
         n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
+        c = 0.0 if shift is None else shift
         out = {}
         if "loc" in groups:
             g, nb = groups["loc"]
             prec = (
                 1.0 / take(current["scale"], groups["scale"][0]) ** 2 if "scale" in groups else 1.0
             )
-            a = segment_sum(prec * s1, g, nb)
+            a = segment_sum(prec * (s1 + n * c), g, nb)
             b = segment_sum(prec * n, g, nb)
             count = segment_sum(n, g, nb)
             if priors.get("loc") is not None:
@@ -272,7 +292,8 @@ class NormalFamily(Family):
             )
         if "scale" in groups:
             g, nb = groups["scale"]
-            mu = take(out["loc"], groups["loc"][0]) if "loc" in groups else 0.0
+            # the new location about each cell's reference point
+            mu = take(out["loc"], groups["loc"][0]) - c if "loc" in groups else 0.0
             q = s2 - 2.0 * mu * s1 + mu * mu * n
             num = segment_sum(q, g, nb)
             den = segment_sum(n, g, nb)
@@ -311,6 +332,7 @@ class MultivariateNormalFamily(Family):
     role_event_ndim = {"loc": 1, "cov": 2}
     conjugate_priors = {"loc": (dist.Normal,), "cov": (dist.InverseWishart, dist.Wishart)}
     center_roles = ("loc",)
+    shift_role = "loc"
     _forms = ("covariance_matrix", "precision_matrix", "scale_tril")
     _cov_priors = {"covariance_matrix": dist.InverseWishart, "precision_matrix": dist.Wishart}
 
@@ -345,10 +367,13 @@ class MultivariateNormalFamily(Family):
             "s2": contract_data(w[..., None], x[..., :, None], x[..., None, :]),
         }
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams):
+    def m_step(
+        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+    ):
         n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
+        c = jnp.zeros_like(s1) if shift is None else shift
         out = {}
-        mu = jnp.zeros_like(s1)
+        mu = c
         if "loc" in groups:
             g, _ = groups["loc"]
             if priors.get("loc") is not None:
@@ -356,15 +381,17 @@ class MultivariateNormalFamily(Family):
                 prec = _precision(take(current["cov"], groups["cov"][0]), attrs["cov"])
                 l0 = 1.0 / take(priors["loc"]["scale"], g) ** 2
                 lhs = n[:, None, None] * prec + jax.vmap(jnp.diag)(l0)
-                rhs = jnp.einsum("cij,cj->ci", prec, s1) + l0 * take(priors["loc"]["loc"], g)
+                s1_raw = s1 + n[:, None] * c
+                rhs = jnp.einsum("cij,cj->ci", prec, s1_raw) + l0 * take(priors["loc"]["loc"], g)
                 mu = jnp.linalg.solve(lhs, rhs[..., None])[..., 0]
             else:
                 safe_n = jnp.where(n > 0, n, 1.0)
-                mu = _keep(n, s1 / safe_n[:, None], take(current["loc"], g), options.min_count)
+                mu = _keep(n, c + s1 / safe_n[:, None], take(current["loc"], g), options.min_count)
             one_to_one = _is_identity(g, current["loc"].shape[0])
             out["loc"] = mu if one_to_one else current["loc"].at[jnp.asarray(g)].set(mu)
         if "cov" in groups:
             g, nb = groups["cov"]
+            mu = mu - c  # the location about each cell's reference point
             q = s2 - mu[:, :, None] * s1[:, None, :] - s1[:, :, None] * mu[:, None, :]
             q = q + n[:, None, None] * mu[:, :, None] * mu[:, None, :]
             num = segment_sum(q, g, nb)
@@ -436,7 +463,9 @@ class CategoricalFamily(Family):
         onehot = jax.nn.one_hot(value, num, dtype=weight.dtype)
         return {"counts": contract_data(weight[..., None], onehot)}
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams):
+    def m_step(
+        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+    ):
         g, nb = groups["probs"]
         counts = segment_sum(num_data * stats["counts"], g, nb)
         total = counts.sum(-1)
@@ -468,7 +497,9 @@ class _CountRateFamily(Family):
     def clip(self, value, options):
         return jnp.maximum(value, options.prob_eps)
 
-    def m_step(self, stats, groups, current, priors, num_data, options, attrs, reparams):
+    def m_step(
+        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+    ):
         g, nb = groups[self.role]
         n = segment_sum(num_data * stats["n"], g, nb)
         s1 = segment_sum(num_data * stats["s1"], g, nb)
@@ -492,7 +523,7 @@ class BernoulliFamily(_CountRateFamily):
 
     has_linear_form = True
 
-    def linear_form(self, value, params, num_event):
+    def linear_form(self, value, params, num_event, center=None):
         # NumPyro's clamping: log p and log(1 - p) stay finite
         p = clamp_probs(params["probs"])
         log_q = jnp.log1p(-p)
@@ -524,7 +555,7 @@ class PoissonFamily(_CountRateFamily):
 
     has_linear_form = True
 
-    def linear_form(self, value, params, num_event):
+    def linear_form(self, value, params, num_event, center=None):
         rate = params["rate"]
         # a zero rate gives log(tiny) rather than -inf (x log rate with x = 0 stays 0)
         log_rate = jnp.log(jnp.maximum(rate, jnp.finfo(rate.dtype).tiny))
@@ -552,7 +583,7 @@ class ExponentialFamily(_CountRateFamily):
 
     has_linear_form = True
 
-    def linear_form(self, value, params, num_event):
+    def linear_form(self, value, params, num_event, center=None):
         rate = params["rate"]
         return [(value, -rate)], -jnp.log(rate), 0.0
 

@@ -61,6 +61,10 @@ class SitePlan(NamedTuple):
     reparams : dict[str, str]
         Role -> name of the reparametrisation through which its site enters
         (``Family.reparams``), for the roles that are not used directly.
+    pooled_shift : bool
+        Whether some cell pools positions that read different elements of the data
+        (a location shared across coordinates): the statistics' reference point is
+        then one number for the whole site (see `numpyro_onlineem.core.data_shifts`).
     """
 
     site: str
@@ -74,6 +78,7 @@ class SitePlan(NamedTuple):
     block_maps: dict
     priors: dict
     reparams: dict
+    pooled_shift: bool = False
 
 
 class Plan:
@@ -337,6 +342,14 @@ def make_plan(
                     "several covariances; give each component its own location."
                 )
         identity = len(cells) == len(inverse) and np.array_equal(inverse, np.arange(len(inverse)))
+        # the element of the data each position reads (data point 0), to see whether a
+        # cell pools positions that read different coordinates
+        value_shape = np.shape(site_id["value"])
+        value_shape = (1,) * (len(grid) + family.value_event_ndim - len(value_shape)) + value_shape
+        reads = np.arange(int(np.prod(value_shape[: len(grid)], dtype=int)))
+        reads = np.broadcast_to(reads.reshape(value_shape[: len(grid)]), grid)
+        reads = np.take(reads, 0, axis=data_axis).reshape(-1)
+        pooled = len(np.unique(np.stack([inverse, reads], -1), axis=0)) != len(cells)
         site_plans.append(
             SitePlan(
                 site=sname,
@@ -350,6 +363,7 @@ def make_plan(
                 block_maps=block_maps,
                 priors={},
                 reparams=reparams,
+                pooled_shift=bool(pooled),
             )
         )
 
