@@ -24,7 +24,7 @@ import numpy as np
 
 from numpyro_onlineem.estep.enumerate import e_step, num_data
 from numpyro_onlineem.model import ModelSites, enum_trace
-from numpyro_onlineem.mstep.expfam import PRIOR_HYPERPARAMETERS, MStepOptions, unwrap
+from numpyro_onlineem.mstep.expfam import PRIOR_HYPERPARAMETERS, MStepOptions, segment_sum, unwrap
 from numpyro_onlineem.mstep.plan import Plan, site_grid
 from numpyro_onlineem.schedules import Schedule, robbins_monro
 from numpyro_onlineem.state import OnlineEMState, UpdateInfo
@@ -163,7 +163,7 @@ def _to_cells(v: jax.Array, sp, grid: tuple, event: tuple) -> jax.Array:
     rest = grid[: sp.data_axis] + grid[sp.data_axis + 1 :]
     v = jnp.broadcast_to(v, rest + event).reshape((-1,) + event)
     if sp.cell_ids is not None:
-        v = jax.ops.segment_sum(v, sp.cell_ids, num_segments=sp.num_cells)
+        v = segment_sum(v, sp.cell_ids, sp.num_cells)
     return v
 
 

@@ -39,6 +39,11 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # with every datum as a right-hand side) is faster than whitening on the CPU (measured:
 # 1.4x faster at D = 64, 1.7x slower at D = 8, even at D = 32; K = 20, batches of 256).
 WHITEN_MAX_DIM = 24
+# Up to this many event elements, the pairs of an exponential-family form are contracted
+# as one concatenated matrix product, above it one product per pair (XLA:CPU, K = 5-20,
+# batches of 256, against the hand-written products: concatenated 0.92 vs 0.86 at
+# D = 64, K = 20 and 0.83 vs 0.77 at D = 2; separate 0.88-1.00 vs 0.84-0.89 at D = 256).
+CONCAT_MAX_EVENT = 128
 
 
 def align(arr: jax.Array, ndim: int) -> jax.Array:
@@ -76,10 +81,12 @@ def contract_trailing(a: jax.Array, b: jax.Array, num: int) -> jax.Array:
 
 
 def contract_pairs(pairs: list, num: int) -> jax.Array:
-    r"""$\sum_j \sum_e T_{j,\dots e}\, \eta_{j,\dots e}$ over the last ``num`` axes, as
-    one matrix product: the data terms $T_j$ and the parameter terms $\eta_j$ are each
-    concatenated along the (flattened) event axes, which is about twice as fast as one
-    product per pair."""
+    r"""$\sum_j \sum_e T_{j,\dots e}\, \eta_{j,\dots e}$ over the last ``num`` axes.
+
+    Up to ``CONCAT_MAX_EVENT`` event elements, as one matrix product: the data terms
+    $T_j$ and the parameter terms $\eta_j$ are each concatenated along the (flattened)
+    event axes, which saves the per-product overhead of small products. Above, one
+    product per pair, which saves writing the concatenated data."""
     if len(pairs) == 1:
         return contract_trailing(*pairs[0], num)
     ts, etas = [t for t, _ in pairs], [e for _, e in pairs]
@@ -88,6 +95,8 @@ def contract_pairs(pairs: list, num: int) -> jax.Array:
     lead_e = jnp.broadcast_shapes(*(e.shape[: nd - num] for e in etas))
     event = jnp.broadcast_shapes(*(a.shape[nd - num :] for a in ts + etas))
     size = int(np.prod(event, dtype=int))
+    if size > CONCAT_MAX_EVENT:
+        return sum(contract_trailing(t, e, num) for t, e in pairs)
 
     def stack(arrays, lead):
         flat = [jnp.broadcast_to(a, lead + event).reshape(lead + (size,)) for a in arrays]
