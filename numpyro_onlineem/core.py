@@ -143,7 +143,7 @@ def batch_statistics(
         w = w.reshape(w.shape + (1,) * (nd - w.ndim))
         value = _align(site["value"], nd + fam.value_event_ndim)
         if sp.site in shifts:
-            # the same expression as the E step's centring: XLA computes it once
+            # the point the E step's Gaussian forms are centred on, too
             value = value.astype(jnp.result_type(float)) - shifts[sp.site]
         consts = {}
         for role, (_, arr) in fam.roles(base).items():
@@ -170,7 +170,7 @@ def _to_cells(v: jax.Array, sp, grid: tuple, event: tuple) -> jax.Array:
 def _cell_shift(shift: jax.Array, sp, grid: tuple, event_ndim: int) -> jax.Array:
     """The reference point of every cell, ``(num_cells, *value_event)``, from a site's
     shift (constant within each cell by construction)."""
-    shift = jnp.moveaxis(jnp.broadcast_to(shift, shift.shape), sp.data_axis, 0)[0]
+    shift = jnp.moveaxis(shift, sp.data_axis, 0)[0]
     event = tuple(shift.shape[shift.ndim - event_ndim :]) if event_ndim else ()
     total = _to_cells(shift, sp, grid, event)
     if sp.cell_ids is None:

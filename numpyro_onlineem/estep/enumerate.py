@@ -62,8 +62,7 @@ def local_log_probs(
 
     Sites of a recognised family with ``to_event`` dimensions are computed by matrix
     products (`numpyro_onlineem.estep.logprob`), written about ``centers[name]`` where
-    given (the reference points of the statistics, so that the centred data are
-    computed once for both); the others by their ``log_prob``.
+    given (the reference points of the statistics); the others by their ``log_prob``.
     """
     centers = centers or {}
     log_probs, layout = {}, []

@@ -19,10 +19,9 @@ Only sites with reinterpreted dimensions (``to_event``) of a family that gives a
 ``linear_form`` take this path, and ``MultivariateNormal`` sites of up to
 ``WHITEN_MAX_DIM`` dimensions (through their whitening matrices); every other site uses
 the distribution's own ``log_prob``. The Gaussian forms are written about a centre:
-the reference point of the statistics when the caller gives one (so that the centred
-data are computed once for the E step and the statistics), else the mean location over
-components, so that float32 cancellation stays at the scale of the spread of the data,
-not of its distance from the origin.
+the reference point of the statistics when the caller gives one, else the mean
+location over components, so that float32 cancellation stays at the scale of the
+spread of the data, not of its distance from the origin.
 """
 
 from __future__ import annotations
