@@ -17,17 +17,11 @@ def test_mixture_contraction_equals_funsor(rng, x64, model, monkeypatch):
     sites = state.plan.model_sites
     trace = enum_trace(model, sites, state.params, (x,), {})
     fast = enumerate_.e_step(trace, sites, state.shifts)
-    assert enumerate_._mixture_axes(fast.log_probs, _layout(fast, trace), sites) is not None
+    log_probs, layout = enumerate_.local_log_probs(trace, sites, state.shifts)
+    assert enumerate_._mixture_axes(log_probs, layout, sites) is not None
     monkeypatch.setattr(enumerate_, "_mixture_axes", lambda *args: None)
     general = enumerate_.e_step(trace, sites, state.shifts)
     np.testing.assert_allclose(fast.loglik, general.loglik, rtol=1e-12)
     for name in sites.local:
         np.testing.assert_allclose(fast.weights[name], general.weights[name], atol=1e-12)
     np.testing.assert_allclose(fast.weights["z"].sum(0), 1.0, rtol=1e-12)
-
-
-def _layout(res, trace):
-    return tuple(
-        enumerate_.Factor(name, tuple(trace[name]["infer"]["dim_to_name"].items()))
-        for name in res.log_probs
-    )
