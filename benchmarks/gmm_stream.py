@@ -58,6 +58,7 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from numpyro_onlineem import OnlineEM, kmeans_pp, robbins_monro
+from numpyro_onlineem.schedules import DEFAULT_POLYAK_WINDOWS
 
 DEFAULT_POINTS = {2: 256_000, 64: 102_400, 256: 51_200}  # stream length by D
 OTHER_POINTS = 51_200  # stream length for a D not listed above
@@ -206,21 +207,28 @@ class JaxEMState(NamedTuple):
         ``(K, D, D)``.
     seen : Array, float32
         Points seen (the init batch included).
+    weight_sq : Array, float32
+        Sum of the squared weights of the points in the running statistics (1 / the
+        effective number of points behind them).
     """
 
     params: dict
     averaged: dict
     stats: tuple
     seen: jax.Array
+    weight_sq: jax.Array
 
 
 class JaxEMConfig(NamedTuple):
-    """Settings of the hand-written online EM: step exponent, burn-in (points) and the
-    point from which the Polyak average starts (``None``: no averaging)."""
+    """Settings of the hand-written online EM: step exponent, burn-in (points), the
+    point from which the Polyak average starts (``None``: no averaging), the points one
+    step stands for, and the pseudo-points of the damped M step (0: plain)."""
 
     kappa: float
     burn_in: float
     polyak_start: float | None
+    step_points: float = 256.0
+    damping: float = 0.0
 
 
 def _component_logpdf(params, x):
@@ -258,27 +266,37 @@ def jax_e_step(params, x):
     return loglik, (resp.mean(0), s1, s2)
 
 
-def jax_m_step(params, stats, batch_size):
+def jax_m_step(params, stats, batch_size, points=jnp.inf, damping=0.0):
     """Closed-form M step from per-point statistics. As in OnlineEM, a component whose
     expected count (statistics times the batch size) is below ``MIN_COUNT`` keeps its
-    values, and so does a covariance that is not positive definite."""
+    values, and so does a covariance that is not positive definite; with ``damping``
+    > 0, each component moves toward its estimate by ``m / (m + damping)``, ``m`` its
+    share of the ``points`` effective points (the location first, then the scale or
+    covariance about the damped location)."""
     n, s1, s2 = stats
     keep = n * batch_size > MIN_COUNT
     safe_n = jnp.where(keep, n, 1.0)
-    locs = s1 / safe_n[:, None]
+    m = n * points
+    rho = m / (m + damping) if damping > 0 else jnp.ones_like(n)
+
+    def finish(name, value):
+        mask = keep.reshape((-1,) + (1,) * (value.ndim - 1))
+        value = jnp.where(mask, value, params[name])
+        r = rho.reshape(mask.shape)
+        return params[name] + r * (value - params[name])
+
+    locs = finish("locs", s1 / safe_n[:, None])
     new = {"weights": n / jnp.sum(n), "locs": locs}
     if "scales" in params:
-        var = jnp.maximum(s2 / safe_n[:, None] - locs**2, 0.0) + REG_COVAR
-        new["scales"] = jnp.sqrt(var)
+        var = s2 / safe_n[:, None] - 2 * locs * s1 / safe_n[:, None] + locs**2
+        new["scales"] = finish("scales", jnp.sqrt(jnp.maximum(var, 0.0) + REG_COVAR))
     else:
-        cov = s2 / safe_n[:, None, None] - locs[:, :, None] * locs[:, None, :]
+        mean = s1 / safe_n[:, None]
+        cov = s2 / safe_n[:, None, None] - locs[:, :, None] * mean[:, None, :]
+        cov = cov - mean[:, :, None] * locs[:, None, :] + locs[:, :, None] * locs[:, None, :]
         cov = 0.5 * (cov + jnp.swapaxes(cov, 1, 2)) + REG_COVAR * jnp.eye(locs.shape[1])
         pd = jnp.all(jnp.isfinite(jnp.linalg.cholesky(cov)), axis=(1, 2))
-        new["covs"] = jnp.where(pd[:, None, None], cov, params["covs"])
-    for name in ("locs", "scales", "covs"):
-        if name in new:
-            mask = keep.reshape((-1,) + (1,) * (new[name].ndim - 1))
-            new[name] = jnp.where(mask, new[name], params[name])
+        new["covs"] = finish("covs", jnp.where(pd[:, None, None], cov, params["covs"]))
     return new
 
 
@@ -286,7 +304,8 @@ def jax_init(params, x0):
     """State whose statistics are those of the init batch under ``params``."""
     params = {name: jnp.asarray(v) for name, v in params.items()}
     _, stats = jax_e_step(params, x0)
-    return JaxEMState(params, params, stats, jnp.float32(x0.shape[0]))
+    n0 = jnp.float32(x0.shape[0])
+    return JaxEMState(params, params, stats, n0, 1.0 / n0)
 
 
 def jax_update(config, state, x):
@@ -298,10 +317,13 @@ def jax_update(config, state, x):
     b = x.shape[0]
     seen = state.seen + b
     in_burn_in = seen <= config.burn_in
-    gamma = jnp.where(in_burn_in, b / seen, (state.seen / b + T0) ** -config.kappa)
+    p = config.step_points
+    step = 1.0 - (1.0 - (state.seen / p + T0) ** -config.kappa) ** (b / p)
+    gamma = jnp.where(in_burn_in, b / seen, step)
     gamma = jnp.minimum(gamma, 1.0).astype(jnp.float32)
     stats = jax.tree.map(lambda s, new: s + gamma * (new - s), state.stats, batch)
-    proposed = jax_m_step(state.params, stats, b)
+    weight_sq = (1.0 - gamma) ** 2 * state.weight_sq + gamma**2 / b
+    proposed = jax_m_step(state.params, stats, b, 1.0 / weight_sq, config.damping)
     params = jax.tree.map(lambda new, old: jnp.where(in_burn_in, old, new), proposed, state.params)
     if config.polyak_start is None:
         averaged = params
@@ -309,7 +331,7 @@ def jax_update(config, state, x):
         start = config.polyak_start
         weight = jnp.minimum(jnp.where(seen > start, b / jnp.maximum(seen - start, 1.0), 1.0), 1)
         averaged = jax.tree.map(lambda a, p: a + weight * (p - a), state.averaged, params)
-    return JaxEMState(params, averaged, stats, seen), -jnp.mean(loglik)
+    return JaxEMState(params, averaged, stats, seen, weight_sq), -jnp.mean(loglik)
 
 
 def jax_scan(config, state, xs):
@@ -515,10 +537,13 @@ def run_onlineem(case, kappa, passes):
     out = online_result(case, run, state0, em.get_params, [case.x], case.segments_of, passes)
     plan = state0.plan
     polyak = kappa is None and plan.default_polyak
+    obs = next(sp for sp in plan.sites if sp.site == "obs")
     out["config"] = JaxEMConfig(
         plan.default_kappa if kappa is None else kappa,
         plan.default_burn_in,
-        plan.default_polyak_start if polyak else None,
+        max(DEFAULT_POLYAK_WINDOWS * 256.0, plan.default_burn_in) if polyak else None,
+        step_points=256.0,
+        damping=obs.component_points if kappa is None else 0.0,
     )
     return out
 

@@ -116,34 +116,25 @@ def main(args):
     x_stream = sample(rng, truth, args.num_points)
     x_test = sample(rng, truth, args.test_points)
     n_init = min(args.init_points, args.num_points // 3)
-    n_single = min(args.single_points, (args.num_points - n_init) // 2)
-    x_init = x_stream[:n_init]
-    x_single = x_stream[n_init : n_init + n_single]
-    x_batched = x_stream[n_init + n_single :]
+    n_single = min(args.single_points, args.num_points // 2)
+    x_single = x_stream[:n_single]
+    x_batched = x_stream[n_single:]
     model = lambda x: gmm(x, K=K)
     key_init, key_run = jax.random.split(jax.random.PRNGKey(args.seed))
 
     # ---------------------------------------------------------------- online EM
-    # Defaults: Robbins-Monro steps counted in batches of the current size (a single
-    # point after a 500-point init gets the step (500 + 2)^-0.6 = 0.024, not 0.66),
-    # Polyak averaging of the iterates, k-means++ for the placeholder means.
+    # The users' own scenario: points arrive one at a time from a generator, and nothing
+    # but the model is given. run buffers the first points for init (k-means++ needs
+    # points of every component: 256 of them by default), then updates with each point.
+    # Steps are defined per point, so points one at a time and batches fit alike.
     em = OnlineEM(model)
     start = time.perf_counter()
-    # init needs a first batch: it fixes the shapes, places the component means by
-    # k-means++ (a single point cannot tell K components apart) and gives the first
-    # statistics. With a single-point stream, buffer a few hundred points for it.
-    state = em.init(key_init, x_init)
-    init_params = em.get_params(state)
-    print(f"Initialised on {n_init} points. M step of each site:")
-    for name, path in em.mstep_paths(state).items():
+    print(f"{n_single} points, one at a time, from a generator:")
+    result = em.run(key_run, one_at_a_time(x_single), progress_bar=args.progress)
+    _report_phase(em, result.state, x_test, n_single, time.perf_counter() - start)
+    print("M step of each site:")
+    for name, path in em.mstep_paths(result.state).items():
         print(f"  {name:8s} {path}")
-
-    # Single points of shape (D,) are batches of one; run buffers them and fuses
-    # `chunk_size` consecutive updates into one compiled call.
-    print(f"\n{n_single} points, one at a time:")
-    phase = time.perf_counter()
-    result = em.run(key_run, one_at_a_time(x_single), init_state=state, progress_bar=args.progress)
-    _report_phase(em, result.state, x_test, n_single, time.perf_counter() - phase)
 
     # The same object continues from the state with mini-batches.
     print(f"\n{len(x_batched)} points in mini-batches of {args.batch_size}:")
@@ -160,11 +151,12 @@ def main(args):
 
     # ----------------------------------------------------------------- batch EM
     # With step size 1, no burn-in, no averaging and the whole data set as every batch,
-    # an update is exactly one iteration of batch EM. Start from the same initial values.
-    batch_em = OnlineEM(model, step_size=1.0, burn_in=0, polyak=False, init="model")
+    # an update is exactly one iteration of batch EM, started from k-means++ centres of
+    # the first points.
+    batch_em = OnlineEM(model, step_size=1.0, burn_in=0, polyak=False)
     start = time.perf_counter()
     x_all = jnp.asarray(x_stream)
-    batch_state = batch_em.init(key_init, x_init, init_params=init_params)
+    batch_state = batch_em.init(key_init, x_stream[:n_init])
     losses = []  # loss of an update: under the parameters before it
     for _ in range(args.batch_iters):
         batch_state, loss = batch_em.update(batch_state, x_all)
@@ -202,8 +194,8 @@ def _report_phase(em, state, x_test, num_points, seconds):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-points", type=int, default=100_000, help="length of the stream")
-    parser.add_argument("--init-points", type=int, default=500, help="buffered for init")
-    parser.add_argument("--single-points", type=int, default=20_000, help="fed one at a time")
+    parser.add_argument("--init-points", type=int, default=500, help="batch EM's k-means++")
+    parser.add_argument("--single-points", type=int, default=20_000, help="first, one at a time")
     parser.add_argument("--batch-size", type=int, default=100, help="mini-batch size afterwards")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--components", type=int, default=5)

@@ -2,23 +2,46 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import time
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from numpyro_onlineem import core
+from numpyro_onlineem.compilation import enable_compilation_cache
+from numpyro_onlineem.estep.enumerate import num_data
 from numpyro_onlineem.initialization import INIT_MODES, data_driven_init
-from numpyro_onlineem.model import classify_sites, enum_trace, trace_model
+from numpyro_onlineem.model import (
+    batch_indices,
+    classify_sites,
+    enum_trace,
+    random_indices,
+    reads_subsample,
+    trace_model,
+)
 from numpyro_onlineem.mstep.expfam import MStepOptions
 from numpyro_onlineem.mstep.plan import MSTEP_PATHS, make_plan
 from numpyro_onlineem.schedules import Schedule, as_schedule
 from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState, UpdateInfo
-from numpyro_onlineem.validation import check_inputs
+from numpyro_onlineem.stream import (
+    Chunk,
+    add_batch_axis,
+    array_chunks,
+    as_arrays,
+    as_call,
+    concat_calls,
+    is_array,
+    merge_args,
+    num_points,
+    split_args,
+    with_extra,
+)
+from numpyro_onlineem.validation import check_inputs, check_observed
 
 
 class OnlineEM:
@@ -40,13 +63,25 @@ class OnlineEM:
     model : callable
         A NumPyro model; its arguments are the data of one mini-batch.
     step_size : float or callable, optional
-        A constant step, or an optax-style schedule ``t -> step``, evaluated at ``t`` =
-        the number of batches of the current size seen before the update (the init
-        batch included; with a constant batch size, the update count plus one). Default:
-        `robbins_monro` with an exponent chosen from
-        the number of statistics per component ``m`` (see ``Plan.default_kappa``):
-        ``kappa=0.6`` when ``m <= 1000`` (scalar, diagonal and small full covariances),
-        ``kappa=1`` above (full covariances in dozens of dimensions and up).
+        The step per ``step_points`` points: a constant, or an optax-style schedule
+        ``t -> step`` evaluated at ``t`` = the points seen before the update (the init
+        batch included) over ``step_points``. A batch of ``B`` points moves the
+        statistics by ``1 - (1 - step) ** (B / step_points)``, so that single points
+        and batches of any size give the same fit. Default: `robbins_monro` with an
+        exponent chosen from the number of statistics per component ``m`` (see
+        ``Plan.default_kappa``): ``kappa=0.6`` when ``m <= 1000`` (scalar, diagonal and
+        small full covariances), ``kappa=1`` above (full covariances in dozens of
+        dimensions and up).
+    step_points : float
+        How many points one step of the schedule stands for (default 256).
+    damping : float, optional
+        Pseudo-points $\nu$ of the damped M step: a parameter block whose statistics
+        rest on $m$ effective points moves from its value toward the M step's by
+        $m / (m + \nu)$ (see `numpyro_onlineem.core.damped`), so that a component seen
+        through a handful of points in many dimensions does not jump to where those
+        points lie and lose its data. Default: the data dimension of a component (``D``
+        for a ``D``-dimensional Gaussian) with the default schedule, ``0`` (plain M
+        steps) with a ``step_size`` of the user's.
     burn_in : float, optional
         Data points to accumulate before the first M step (statistics are their exact
         running mean). Default: ``max(20, 10 K)`` with ``K`` the largest number of
@@ -58,8 +93,8 @@ class OnlineEM:
         Default: on with the default schedule when ``kappa=0.6``, off with ``kappa=1``
         (the statistics are already a running mean) and off with a user ``step_size``.
     polyak_start : float, optional
-        Points to see before the average starts. Default: 100 burn-ins (``1000 K``
-        points for a mixture of ``K`` components).
+        Points to see before the average starts. Default: ``20 * step_points`` (5,120
+        points), and not before the burn-in ends.
     init : {"auto", "kmeans++", "model"}
         Data-driven initialisation of component locations; see
         `numpyro_onlineem.initialization`.
@@ -78,6 +113,11 @@ class OnlineEM:
         Name of the data plate, when it cannot be inferred.
     chunk_size : int
         Number of batches fused into one compiled call by `run`.
+    compilation_cache : bool
+        Turn JAX's persistent compilation cache on at the first ``init`` (unless the
+        user configured it), so that another process fitting the same model and shapes
+        compiles nothing; see `numpyro_onlineem.compilation`. ``False`` leaves JAX's
+        settings as they are.
 
     Examples
     --------
@@ -93,6 +133,8 @@ class OnlineEM:
         model: Callable,
         *,
         step_size: float | Schedule | None = None,
+        step_points: float = 256.0,
+        damping: float | None = None,
         burn_in: float | None = None,
         polyak: bool | None = None,
         polyak_start: float | None = None,
@@ -102,11 +144,16 @@ class OnlineEM:
         mstep: dict[str, str] | None = None,
         data_plate: str | None = None,
         chunk_size: int = 100,
+        compilation_cache: bool = True,
     ):
         if init not in INIT_MODES:
             raise ValueError(f"OnlineEM: init must be one of {INIT_MODES}, got {init!r}.")
         if burn_in is not None and burn_in < 0:
             raise ValueError(f"OnlineEM: burn_in must be >= 0, got {burn_in}.")
+        if damping is not None and damping < 0:
+            raise ValueError(f"OnlineEM: damping must be >= 0, got {damping}.")
+        if not step_points > 0:
+            raise ValueError(f"OnlineEM: step_points must be > 0, got {step_points}.")
         if reg_covar < 0:
             raise ValueError(f"OnlineEM: reg_covar must be >= 0, got {reg_covar}.")
         if chunk_size < 1:
@@ -127,19 +174,22 @@ class OnlineEM:
         self.config = core.Config(
             model=model,
             schedule=None if step_size is None else as_schedule(step_size),
+            step_points=float(step_points),
             burn_in=None if burn_in is None else float(burn_in),
             polyak=None if polyak is None else bool(polyak),
             polyak_start=None if polyak_start is None else float(polyak_start),
+            damping=None if damping is None else float(damping),
             options=MStepOptions(reg_covar=float(reg_covar), min_count=float(min_count)),
         )
-        jit = functools.partial(jax.jit, static_argnums=(2,))
-        self._update_jit = jit(functools.partial(_update, self.config))
-        self._scan_jit = jit(functools.partial(_scan, self.config))
-        self._loglik_jit = jit(functools.partial(_loglik, self.config))
-        self._marginals_jit = jit(functools.partial(_marginals, self.config))
-        self._init_state_jit = jax.jit(
-            functools.partial(_init_state, self.config), static_argnums=(4,)
-        )
+        self.compilation_cache = bool(compilation_cache)
+        # one compiled function per config, plan and shapes, shared by every OnlineEM
+        # (both compare by value): a second fit of the same model compiles nothing
+        config = self.config
+        self._update_jit = lambda *a: _update_jit(config, *a)
+        self._scan_jit = lambda *a: _scan_jit(config, *a)
+        self._loglik_jit = lambda *a: _loglik_jit(config, *a)
+        self._marginals_jit = lambda *a: _marginals_jit(config, *a)
+        self._init_state_jit = lambda *a: _init_state_jit(config, *a)
 
     # ------------------------------------------------------------------ init
     def init(
@@ -161,11 +211,18 @@ class OnlineEM:
         -------
         OnlineEMState
         """
+        if self.compilation_cache:
+            enable_compilation_cache()
+        args, kwargs = as_arrays(args, kwargs)
         check_inputs(None, args, kwargs, "init")
         init_params = dict(init_params or {})
         key_trace, key_init, key_state = jax.random.split(rng_key, 3)
         trace = trace_model(self.model, args, kwargs, init_params, key_trace)
         sites = classify_sites(trace, self.data_plate)
+        check_observed(trace, sites, "init")
+        batch, total = num_data(trace, sites)
+        if batch != total:
+            sites = sites._replace(reads_subsample=reads_subsample(self.model, sites, args, kwargs))
         for what, names in (("init_params", init_params), ("OnlineEM(mstep=...)", self.mstep)):
             unknown = set(names) - set(sites.params)
             if unknown:
@@ -174,16 +231,12 @@ class OnlineEM:
                     f"estimated sites of the model ({sorted(sites.params)})."
                 )
         dtype = jnp.result_type(float)
-        params = {}
-        for name, ps in sites.params.items():
-            value = jnp.asarray(trace[name]["value"], dtype)
-            if value.shape != ps.shape:
-                raise ValueError(f"OnlineEM.init: site '{name}' has shape {value.shape}.")
-            params[name] = value
+        params = {name: jnp.asarray(trace[name]["value"], dtype) for name in sites.params}
         fixed = frozenset(name for name, path in self.mstep.items() if path == "fixed")
         plan = make_plan(self.model, sites, params, args, kwargs, fixed)
         if self.init_mode != "model":
-            etrace = enum_trace(self.model, sites, params, args, kwargs)
+            indices = random_indices(key_init) if sites.reads_subsample else batch_indices
+            etrace = enum_trace(self.model, sites, params, args, kwargs, indices)
             params, report = data_driven_init(
                 key_init,
                 plan,
@@ -193,9 +246,12 @@ class OnlineEM:
                 frozenset(init_params),
                 self.config.options,
             )
+            paths = dict(plan.paths)
             for name, what in report.items():
-                plan.paths[name] += f"; initial value {what}"
-        return self._init_state_jit(plan, params, key_state, *_split(args, kwargs))
+                paths[name] += f"; initial value {what}"
+            plan = plan.replace(paths=paths)
+        params = _in_support(plan, params, frozenset(init_params))
+        return self._init_state_jit(plan, params, key_state, *split_args(args, kwargs))
 
     # ---------------------------------------------------------------- update
     def update(
@@ -217,13 +273,14 @@ class OnlineEM:
         self, state: OnlineEMState, *args: Any, **kwargs: Any
     ) -> tuple[OnlineEMState, UpdateInfo]:
         """`update`, returning the full `UpdateInfo` diagnostics."""
+        args, kwargs = as_arrays(args, kwargs)
         check_inputs(state.plan.input_spec, args, kwargs, "update")
-        return self._update_jit(state, *_split(args, kwargs))
+        return self._update_jit(state, *split_args(args, kwargs))
 
     def get_params(self, state: OnlineEMState) -> dict:
         """Constrained estimates of every ``numpyro.param`` and global latent site (the
-        Polyak average when averaging is on)."""
-        return dict(state.averaged)
+        Polyak average when averaging is on), in the model's order."""
+        return {name: state.averaged[name] for name in state.plan.model_sites.params}
 
     def mstep_paths(self, state: OnlineEMState) -> dict:
         """For each estimated site, the M step it takes (and, for a location-like site,
@@ -234,240 +291,417 @@ class OnlineEM:
     def log_likelihood(self, state: OnlineEMState, *args: Any, **kwargs: Any) -> jax.Array:
         r"""Marginal log-likelihood $\log p(x_i \mid \hat\theta)$ of each datum of the
         data plate, shape ``(batch,)``, at `get_params`."""
+        args, kwargs = as_arrays(args, kwargs)
         check_inputs(state.plan.input_spec, args, kwargs, "log_likelihood")
-        return self._loglik_jit(state, *_split(args, kwargs))
+        return self._loglik_jit(state, *split_args(args, kwargs))
 
     def compute_marginals(self, state: OnlineEMState, *args: Any, **kwargs: Any) -> dict:
         """Posterior marginals of the enumerated sites at `get_params`:
         ``{name: (batch, K) probabilities}``."""
+        args, kwargs = as_arrays(args, kwargs)
         check_inputs(state.plan.input_spec, args, kwargs, "compute_marginals")
-        return self._marginals_jit(state, *_split(args, kwargs))
+        return self._marginals_jit(state, *split_args(args, kwargs))
 
     # ------------------------------------------------------------------- run
     def run(
         self,
         rng_key: jax.Array,
         stream: Iterable | jax.Array | np.ndarray,
-        *,
+        *args: Any,
         batch_size: int | None = None,
         progress_bar: bool = True,
         init_params: dict | None = None,
         init_state: OnlineEMState | None = None,
+        init_points: int | None = None,
+        **kwargs: Any,
     ) -> OnlineEMRunResult:
-        """Run online EM over a stream of mini-batches.
+        """Run online EM over a stream of mini-batches or single points.
 
         Parameters
         ----------
         rng_key : PRNGKey
         stream : iterable or array
             Items are a batch array, a tuple of positional arguments, or an
-            ``(args, kwargs)`` pair. A single point (one dimension fewer than the init
-            batch) is a batch of one. An array with ``batch_size`` is cut into batches
-            along its first axis (a final partial batch is used too). Without
-            ``init_state``, the first batch initialises (`init`) and the others
-            update, so every point is used once.
+            ``(args, kwargs)`` pair, holding the per-datum arrays of the model (first
+            axis: the data points). A single point (one dimension fewer) is a batch of
+            one. An array with ``batch_size`` is cut into batches along its first axis (a
+            final partial batch is used too).
+        *args, **kwargs
+            The model's other arguments (``N``, ``K``, ...), passed after each item's.
         batch_size : int, optional
             Required when ``stream`` is an array.
         progress_bar : bool
-            A tqdm bar with the running loss.
+            A tqdm bar counting points, with their rate and the running loss.
         init_params : dict, optional
-            Passed to `init` (on the first batch) when ``init_state`` is not given.
+            Passed to `init` when ``init_state`` is not given.
         init_state : OnlineEMState, optional
             Continue from this state instead of initialising.
+        init_points : int, optional
+            Without ``init_state``, `init` takes the first ``init_points`` points of the
+            stream (single points and small batches are buffered for it), the updates the
+            rest, so every point is used once. Default: the plan's burn-in, and at least
+            ``step_points`` (256): k-means++ needs points from every component, and the
+            burn-in would hold the parameters for those points anyway.
 
         Returns
         -------
         OnlineEMRunResult
-            ``(params, state, losses)``; batches are fused ``chunk_size`` at a time into
-            one compiled ``lax.scan``. Shapes are checked eagerly (ValueError); values
-            are checked inside the compiled updates: a batch with non-finite values is
-            skipped (the state is left as it was, its loss is not finite) and ``run`` warns
-            with the count at the end.
+            ``(params, state, losses)``: ``losses`` has one entry per update. Batches of
+            one shape are fused ``chunk_size`` at a time into one compiled ``lax.scan``
+            (fewer when a fused call would take over a second, so that the progress bar
+            moves). Shapes are checked eagerly (ValueError); values inside the compiled
+            updates: a batch with non-finite or out-of-support values is skipped (the
+            state is left as it was, its loss is not finite) and ``run`` warns with the
+            count at the end.
         """
+        extra = as_arrays(args, kwargs)
         if isinstance(stream, np.ndarray | jax.Array):
             if batch_size is None:
                 raise ValueError(
                     "OnlineEM.run: pass batch_size=... to cut an array stream into batches."
                 )
-            total = -(-stream.shape[0] // int(batch_size)) - (init_state is None)
-            stream = _array_chunks(stream, int(batch_size), self.chunk_size)
-        else:
-            total = None
-        bar = None
-        if progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc="OnlineEM", unit="batch", total=total)
-        state = init_state
-        losses, skipped, buffer, signature = [], [], [], None
+            if int(batch_size) < 1:
+                raise ValueError(f"OnlineEM.run: batch_size must be >= 1, got {batch_size}.")
+        runner = _Runner(self, extra, progress_bar)
         try:
-            for item in stream:
-                if isinstance(item, _Chunk):
-                    chunk = item.data
-                    if state is None:
-                        state = self.init(rng_key, chunk[0], init_params=init_params)
-                        chunk = chunk[1:]
-                        if not len(chunk):
-                            continue
-                    check_inputs(state.plan.input_spec, (chunk[0],), {}, "run", values=False)
-                    if buffer:
-                        state = self._flush(state, buffer, (losses, skipped), bar)
-                        buffer = []
-                    _, static = _split((chunk[0],), {})
-                    state = self._scan_chunk(state, [chunk], static, (losses, skipped), bar)
-                    continue
-                args, kwargs = _as_call(item)
+            state = init_state
+            if isinstance(stream, np.ndarray | jax.Array):
+                data = stream if isinstance(stream, jax.Array) else np.asarray(stream)
+                runner.start(total=int(data.shape[0]))
                 if state is None:
-                    state = self.init(rng_key, *args, init_params=init_params, **kwargs)
-                    continue
-                args = _single_point_to_batch(state.plan.input_spec, args)
-                arrays, static = _split(args, kwargs)
-                sig = (static, tuple(np.shape(a) for a in arrays))
-                if buffer and (sig != signature or len(buffer) == self.chunk_size):
-                    state = self._flush(state, buffer, (losses, skipped), bar)
-                    buffer = []
-                check_inputs(state.plan.input_spec, args, kwargs, "run", values=False)
-                buffer.append((arrays, static))
-                signature = sig
-            if buffer:
-                state = self._flush(state, buffer, (losses, skipped), bar)
+                    first = (data[: int(batch_size)],), {}
+                    with runner.explain_type_errors(first):
+                        n0 = self._init_points(first, extra, init_points)
+                    n0 = max(int(batch_size), n0)
+                    state = runner.init(rng_key, [((data[:n0],), {})], init_params)
+                    data = data[n0:]
+                if state.plan.model_sites.reads_subsample:
+                    raise ValueError(
+                        "OnlineEM.run: the model draws its mini-batches itself (its data "
+                        f"plate '{state.plan.model_sites.data_plate}' subsamples the arrays "
+                        "it is given), so an array cut into batches would be subsampled "
+                        "again. Pass the whole data at every update: em.update(state, x) in "
+                        "a loop, or em.run(key, itertools.repeat(x, num_updates), ...); or "
+                        "pass mini-batches and let the plate only state N: "
+                        "numpyro.plate('data', N, subsample_size=x.shape[0]) without x[idx]."
+                    )
+                items = array_chunks(data, int(batch_size), runner.chunk_len)
+            else:
+                runner.start(total=None)
+                items = iter(stream)
+                if state is None:
+                    state = runner.init_from_items(rng_key, items, init_params, init_points)
+            state = runner.consume(state, items)
         finally:
-            if bar is not None:
-                bar.close()
+            runner.close()
         if state is None:
             raise ValueError("OnlineEM.run: the stream was empty.")
-        losses = jnp.concatenate(losses) if losses else jnp.zeros((0,))
-        skipped = np.flatnonzero(np.concatenate(skipped)) if skipped else []
-        if len(skipped):
-            warnings.warn(
-                f"OnlineEM.run: {len(skipped)} of {len(losses)} batches had non-finite values "
-                f"and were skipped (their losses are not finite); the first was update "
-                f"{skipped[0]} of this run (counting from 0).",
-                RuntimeWarning,
-                stacklevel=2,
+        return runner.result(state)
+
+    def _init_points(self, call, extra, init_points) -> int:
+        """Points `run` gives `init`: ``init_points``, or the plan's default burn-in and
+        at least ``step_points``."""
+        if init_points is not None:
+            if int(init_points) < 1:
+                raise ValueError(f"OnlineEM.run: init_points must be >= 1, got {init_points}.")
+            return int(init_points)
+        args, kwargs = with_extra(call, extra)
+        plan = self._plan(jax.random.PRNGKey(0), args, kwargs, {})
+        return int(max(plan.default_burn_in, self.config.step_points))
+
+    def _plan(self, rng_key, args, kwargs, init_params):
+        trace = trace_model(self.model, args, kwargs, init_params, rng_key)
+        sites = classify_sites(trace, self.data_plate)
+        dtype = jnp.result_type(float)
+        params = {name: jnp.asarray(trace[name]["value"], dtype) for name in sites.params}
+        fixed = frozenset(name for name, path in self.mstep.items() if path == "fixed")
+        return make_plan(self.model, sites, params, args, kwargs, fixed)
+
+    def _is_single_point(self, call, extra) -> bool:
+        """Whether a first stream item is a single point: the model cannot take it as a
+        batch (its data would not run along the data plate), but takes it with a
+        leading axis."""
+        try:
+            trace = trace_model(self.model, *with_extra(call, extra))
+            classify_sites(trace, self.data_plate)
+            return False
+        except Exception as as_batch:
+            try:
+                trace = trace_model(self.model, *with_extra(add_batch_axis(call), extra))
+                classify_sites(trace, self.data_plate)
+            except Exception:
+                raise as_batch from None
+            return True
+
+
+class _Runner:
+    """The loop of `OnlineEM.run`: initialisation from the stream's first points, fused
+    updates, the progress bar, losses and skipped batches."""
+
+    SLOW_CHUNK_SECONDS = 1.0
+
+    def __init__(self, em: OnlineEM, extra: tuple, progress_bar: bool):
+        self.em = em
+        self.extra = extra
+        self.progress_bar = progress_bar
+        self.length = em.chunk_size
+        self.timed_lengths = set()
+        self.infos = []
+        self.bar = None
+
+    def chunk_len(self) -> int:
+        return self.length
+
+    def start(self, total: int | None) -> None:
+        if self.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                desc="OnlineEM", total=total, unit="pt", unit_scale=True, mininterval=0.5
             )
-        return OnlineEMRunResult(self.get_params(state), state, losses)
 
-    def _flush(self, state, buffer, record, bar):
-        static = buffer[0][1]
-        if len(buffer) == 1:
-            state, info = self._update_jit(state, buffer[0][0], static)
-            return self._record(jax.tree.map(lambda a: a[None], info), record, bar, state)
-        stacked = [jnp.stack(column) for column in zip(*(b[0] for b in buffer), strict=True)]
-        return self._scan_chunk(state, stacked, static, record, bar)
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
-    def _scan_chunk(self, state, stacked, static, record, bar):
-        state, infos = self._scan_jit(state, stacked, static)
-        return self._record(infos, record, bar, state)
-
-    @staticmethod
-    def _record(infos, record, bar, state):
-        losses, skipped = record
-        losses.append(infos.loss)
-        skipped.append(infos.nonfinite)
-        if bar is not None:
-            bar.update(int(infos.loss.shape[0]))
-            bar.set_postfix(loss=f"{float(jnp.nanmean(infos.loss)):.4f}")
+    # --------------------------------------------------------------- init
+    def init(self, rng_key, calls: list, init_params) -> OnlineEMState:
+        item = calls[0] if len(calls) == 1 else concat_calls(calls)
+        args, kwargs = with_extra(item, self.extra)
+        with self.explain_type_errors(item):
+            state = self.em.init(rng_key, *args, init_params=init_params, **kwargs)
+        if self.bar is not None:
+            self.bar.update(num_points(item))
         return state
 
+    @contextlib.contextmanager
+    def explain_type_errors(self, item):
+        """A model called with the wrong arguments says how ``run`` calls it."""
+        try:
+            yield
+        except TypeError as e:
+            args, kwargs = with_extra(item, self.extra)
+            raise TypeError(
+                f"OnlineEM.run: the model failed on the arguments {_describe(args, kwargs)}: "
+                f"{e}. run calls the model with each stream item's arrays, then run's own "
+                "*args and **kwargs: em.run(key, x, N, batch_size=100) calls "
+                "model(x[i:i + 100], N)."
+            ) from e
 
-class _StaticArgs(NamedTuple):
-    """The non-array part of the model's arguments (hashable: compiled into the update)."""
+    def init_from_items(self, rng_key, items, init_params, init_points) -> OnlineEMState | None:
+        first = next(items, None)
+        if first is None:
+            return None
+        call = as_call(first)
+        with self.explain_type_errors(call):
+            point = self.em._is_single_point(call, self.extra)
+            if point:
+                call = add_batch_axis(call)
+            wanted = self.em._init_points(call, self.extra, init_points)
+        calls, seen = [call], num_points(call)
+        while seen < wanted:
+            item = next(items, None)
+            if item is None:
+                break
+            call = add_batch_axis(as_call(item)) if point else as_call(item)
+            calls.append(call)
+            seen += num_points(call)
+        return self.init(rng_key, calls, init_params)
 
-    treedef: Any
-    is_array: tuple
-    values: tuple
+    # ------------------------------------------------------------ updates
+    def consume(self, state, items) -> OnlineEMState | None:
+        buffer, signature = [], None
+        last = None  # (shape, dtype, expand, static) of the last bare-array item
+        for item in items:
+            if isinstance(item, Chunk):
+                state = self._array_chunk(state, item)
+                continue
+            if last is not None and _same_bare_array(item, last):
+                # a stream of arrays of one shape (single points, say): checked once
+                arrays = [item[None] if last[2] else item] + last[4]
+                static = last[3]
+            else:
+                args, kwargs = with_extra(as_call(item), self.extra)
+                expanded = _single_point_to_batch(state.plan.input_spec, args, kwargs)
+                check_inputs(state.plan.input_spec, *expanded, "run", values=False)
+                arrays, static = split_args(*expanded)
+                last = None
+                if isinstance(item, np.ndarray) and not self.extra[1]:
+                    expand = np.ndim(expanded[0][0]) != np.ndim(item)
+                    last = (item.shape, item.dtype, expand, static, arrays[1:])
+            if state.plan.model_sites.reads_subsample:
+                # the whole data at every update: never stacked
+                state = self._single(state, arrays, static)
+                continue
+            sig = (static, tuple(np.shape(a) for a in arrays))
+            if buffer and (sig != signature or len(buffer) == self.length):
+                state = self._flush(state, buffer)
+                buffer = []
+            buffer.append((arrays, static))
+            signature = sig
+        if buffer:
+            state = self._flush(state, buffer)
+        return state
+
+    def _array_chunk(self, state, item):
+        if state is None:  # an empty first part: init on the first batch
+            state = self.init(jax.random.PRNGKey(0), [((item.data[0],), {})], None)
+            item = Chunk(item.data[1:])
+            if not len(item.data):
+                return state
+        args, kwargs = with_extra(((item.data[0],), {}), self.extra)
+        check_inputs(state.plan.input_spec, args, kwargs, "run", values=False)
+        _, static = split_args(args, kwargs)
+        arrays = split_args(*with_extra(((item.data,), {}), self.extra))[0]
+        return self._chunk(state, arrays, static, int(item.data.shape[0]))
+
+    def _flush(self, state, buffer):
+        static = buffer[0][1]
+        if len(buffer) < self.length:
+            for arrays, _ in buffer:
+                state = self._single(state, arrays, static)
+            return state
+        stacked = [_stack(column) for column in zip(*(b[0] for b in buffer), strict=True)]
+        return self._chunk(state, stacked, static, len(buffer))
+
+    def _chunk(self, state, stacked, static, length):
+        """``length`` stacked batches: one fused call when ``length`` is the current
+        chunk length, one update at a time otherwise (no compile for a new length)."""
+        if length != self.length:
+            for i in range(length):
+                state = self._single(state, [a[i] for a in stacked], static)
+            return state
+        start = time.perf_counter()
+        state, infos = self.em._scan_jit(state, stacked, static)
+        self._record(infos, length * _batch_points(stacked[0], 1))
+        elapsed = time.perf_counter() - start
+        if length in self.timed_lengths and elapsed > self.SLOW_CHUNK_SECONDS and length > 1:
+            # a fused call this slow would leave the progress bar still: shorter ones
+            # (one more compile, only for updates that take this long anyway)
+            self.length = max(1, 2 ** int(np.log2(length * 0.5 / elapsed)))
+        self.timed_lengths.add(length)
+        return state
+
+    def _single(self, state, arrays, static):
+        state, info = self.em._update_jit(state, arrays, static)
+        self._record(info, _batch_points(arrays[0], 0))
+        return state
+
+    def _record(self, infos, points: int) -> None:
+        """Keep a fused call's or an update's info (on the device: read at the end)."""
+        self.infos.append(infos)
+        if self.bar is not None:
+            self.bar.update(points)
+            self.bar.set_postfix(loss=f"{float(jnp.nanmean(infos.loss)):.4f}", refresh=False)
+
+    def result(self, state) -> OnlineEMRunResult:
+        flat = lambda xs: np.concatenate([np.atleast_1d(np.asarray(x)) for x in xs])
+        losses = flat([i.loss for i in self.infos]) if self.infos else np.zeros((0,))
+        bad = [i.nonfinite | i.out_of_support for i in self.infos]
+        skipped = np.flatnonzero(flat(bad)) if bad else []
+        losses = jnp.asarray(losses)
+        if len(skipped):
+            warnings.warn(
+                f"OnlineEM.run: {len(skipped)} of {len(losses)} batches had non-finite or "
+                "out-of-support values and were skipped (their losses are not finite); "
+                f"the first was update {skipped[0]} of this run (counting from 0).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return OnlineEMRunResult(self.em.get_params(state), state, losses)
 
 
-def _split(args: tuple, kwargs: dict) -> tuple[list, _StaticArgs]:
-    """Arrays are traced; Python scalars, strings and None (``K=3``) stay static."""
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    is_array = tuple(isinstance(leaf, jax.Array | np.ndarray | np.generic) for leaf in leaves)
-    arrays = [leaf for leaf, a in zip(leaves, is_array, strict=True) if a]
-    values = tuple(None if a else leaf for leaf, a in zip(leaves, is_array, strict=True))
-    return arrays, _StaticArgs(treedef, is_array, values)
-
-
-def _merge(arrays: list, static: _StaticArgs) -> tuple[tuple, dict]:
-    it = iter(arrays)
-    leaves = [next(it) if a else v for a, v in zip(static.is_array, static.values, strict=True)]
-    return jax.tree.unflatten(static.treedef, leaves)
+def _in_support(plan, params: dict, given: frozenset) -> dict:
+    """Initial values inside their sites' constraints: a data-driven start is projected
+    (`numpyro_onlineem.mstep.constraints`, equal weights); any other value outside its
+    constraint is an error, since the user or the model chose it."""
+    projections = {
+        sp.learned[role]: proj for sp in plan.sites for role, proj in sp.projections.items()
+    }
+    out = dict(params)
+    for name, ps in plan.model_sites.params.items():
+        value = out[name]
+        if name not in given and name in projections:
+            value = projections[name](value, None)
+        if not bool(np.all(np.asarray(ps.constraint(value)))):
+            source = {"param": "the model's initial value", "global": "drawn from its prior"}
+            where = "given in init_params" if name in given else source[ps.kind]
+            raise ValueError(
+                f"OnlineEM.init: the initial value of site '{name}' ({where}) is outside "
+                f"its constraint {ps.constraint}: {np.asarray(value)}."
+            )
+        out[name] = value
+    return out
 
 
 def _init_state(config, plan, params, rng_key, arrays, static):
-    args, kwargs = _merge(arrays, static)
+    args, kwargs = merge_args(arrays, static)
     return core.init_state(config, plan, params, rng_key, args, kwargs)
 
 
 def _update(config, state, arrays, static):
-    args, kwargs = _merge(arrays, static)
+    args, kwargs = merge_args(arrays, static)
     return core.update(config, state, args, kwargs)
 
 
 def _scan(config, state, arrays, static):
     def body(s, batch):
-        args, kwargs = _merge(batch, static)
+        args, kwargs = merge_args(batch, static)
         return core.update(config, s, args, kwargs)
 
     return jax.lax.scan(body, state, arrays)
 
 
 def _loglik(config, state, arrays, static):
-    args, kwargs = _merge(arrays, static)
+    args, kwargs = merge_args(arrays, static)
     sites = state.plan.model_sites
     return core.log_likelihood(config, sites, state.averaged, args, kwargs, state.shifts)
 
 
 def _marginals(config, state, arrays, static):
-    args, kwargs = _merge(arrays, static)
+    args, kwargs = merge_args(arrays, static)
     sites = state.plan.model_sites
     return core.marginals(config, sites, state.averaged, args, kwargs, state.shifts)
 
 
-def _as_call(item) -> tuple[tuple, dict]:
-    if (
-        isinstance(item, tuple)
-        and len(item) == 2
-        and isinstance(item[0], tuple)
-        and isinstance(item[1], dict)
-    ):
-        return item[0], item[1]
-    if isinstance(item, tuple):
-        return item, {}
-    return (item,), {}
+_update_jit = jax.jit(_update, static_argnums=(0, 3))
+_scan_jit = jax.jit(_scan, static_argnums=(0, 3))
+_loglik_jit = jax.jit(_loglik, static_argnums=(0, 3))
+_marginals_jit = jax.jit(_marginals, static_argnums=(0, 3))
+_init_state_jit = jax.jit(_init_state, static_argnums=(0, 1, 5))
 
 
-def _single_point_to_batch(spec, args: tuple) -> tuple:
-    if spec is None:
-        return args
+def _single_point_to_batch(spec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Arrays with one dimension fewer than at ``init`` are single points: batches of one."""
     ndims = {name: ndim for name, ndim, _ in spec.arrays}
-    out = []
-    for i, a in enumerate(args):
-        ndim = ndims.get(f"args[{i}]")
-        if ndim is not None and np.ndim(a) == ndim - 1:
-            a = jnp.asarray(a)[None]
-        out.append(a)
-    return tuple(out)
+    expand = lambda a, name: (
+        np.asarray(a)[None] if is_array(a) and np.ndim(a) == ndims.get(name, -9) - 1 else a
+    )
+    args = tuple(expand(a, f"args[{i}]") for i, a in enumerate(args))
+    return args, {k: expand(v, k) for k, v in kwargs.items()}
 
 
-class _Chunk(NamedTuple):
-    """Several equal batches of an array stream, stacked: shape (num, batch, ...)."""
+def _same_bare_array(item, last) -> bool:
+    """Whether a stream item is a NumPy array of the shape and dtype of the last one."""
+    return isinstance(item, np.ndarray) and item.shape == last[0] and item.dtype == last[1]
 
-    data: jax.Array
+
+def _batch_points(array, axis: int) -> int:
+    """Points in a batch (``axis`` 0) or in each batch of a stack (``axis`` 1)."""
+    shape = np.shape(array)
+    return int(shape[axis]) if len(shape) > axis else 1
 
 
-def _array_chunks(data, batch_size: int, chunk_size: int):
-    """Cut an array into chunks of ``chunk_size`` stacked batches; a final partial batch
-    comes last, on its own. A NumPy array is cut into views, so each point is copied to
-    the device once, by the compiled call that uses it."""
-    if batch_size < 1:
-        raise ValueError(f"OnlineEM.run: batch_size must be >= 1, got {batch_size}.")
-    if not isinstance(data, jax.Array):
-        data = np.asarray(data)
-    n = data.shape[0]
-    num = n // batch_size
-    full = data[: num * batch_size].reshape((num, batch_size) + data.shape[1:])
-    for start in range(0, num, chunk_size):
-        yield _Chunk(full[start : start + chunk_size])
-    if num * batch_size < n:
-        yield data[num * batch_size :]
+def _stack(arrays) -> Any:
+    """Stack batches along a new leading axis: on the host when they are there (one copy
+    to the device for the chunk, not one per batch)."""
+    if all(isinstance(a, np.ndarray | np.generic) for a in arrays):
+        return np.stack(arrays)
+    return jnp.stack(arrays)
+
+
+def _describe(args: tuple, kwargs: dict) -> str:
+    """``(x: (100, 2) float32, 3, N=1000)``: the shapes of arrays, the other values."""
+    show = lambda v: f"{np.shape(v)} {np.asarray(v).dtype}" if is_array(v) else repr(v)
+    parts = [show(a) for a in args] + [f"{k}={show(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"

@@ -23,10 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_onlineem.estep.enumerate import e_step, num_data
-from numpyro_onlineem.model import ModelSites, enum_trace
+from numpyro_onlineem.model import (
+    ModelSites,
+    all_indices,
+    batch_indices,
+    enum_trace,
+    random_indices,
+)
 from numpyro_onlineem.mstep.expfam import PRIOR_HYPERPARAMETERS, MStepOptions, segment_sum, unwrap
 from numpyro_onlineem.mstep.plan import Plan, site_grid
-from numpyro_onlineem.schedules import Schedule, robbins_monro
+from numpyro_onlineem.schedules import Schedule, default_polyak_start, robbins_monro
 from numpyro_onlineem.state import OnlineEMState, UpdateInfo
 
 
@@ -37,10 +43,12 @@ class Config(NamedTuple):
     ----------
     model : callable
     schedule : callable or None
-        ``t -> step size`` after burn-in, evaluated at ``t`` = the number of batches
-        of the current size seen before the update (init batch included; with a
-        constant batch size, the update count plus one). ``None``: Robbins–Monro with
-        the plan's exponent (`Plan.default_kappa`).
+        ``t -> step size`` per ``step_points`` points, after burn-in, evaluated at
+        ``t`` = the points seen before the update (init batch included) divided by
+        ``step_points``; see `step_size`. ``None``: Robbins–Monro with the plan's
+        exponent (`Plan.default_kappa`).
+    step_points : float
+        The number of points a step of the schedule stands for.
     burn_in : float or None
         Points to see before the first M step; until then statistics are the exact
         running mean of everything seen. ``None``: `Plan.default_burn_in`.
@@ -48,16 +56,21 @@ class Config(NamedTuple):
         Polyak–Ruppert averaging of the parameters; ``None``: on with the default
         schedule when `Plan.default_polyak` says so, off with a user schedule.
     polyak_start : float or None
-        Points to see before the average starts; ``None``:
-        `Plan.default_polyak_start`.
+        Points to see before the average starts; ``None``: ``20 * step_points``, and
+        not before the burn-in ends.
+    damping : float or None
+        Pseudo-points $\nu$ of the damped M step (`damped`); ``None``: the data
+        dimension of each component with the default schedule, none with a user one.
     options : MStepOptions
     """
 
     model: Callable
     schedule: Schedule | None
+    step_points: float
     burn_in: float | None
     polyak: bool | None
     polyak_start: float | None
+    damping: float | None
     options: MStepOptions
 
 
@@ -124,11 +137,13 @@ def batch_statistics(
     shifts: dict | None,
     args: tuple,
     kwargs: dict,
+    indices=batch_indices,
 ) -> BatchStatistics:
     """E step on one batch, with statistics about ``shifts`` (``None``: about this
-    batch's own `data_shifts`, as at ``init``)."""
+    batch's own `data_shifts`, as at ``init``), the data plate's subsample drawn by
+    ``indices`` (see `numpyro_onlineem.model.enum_trace`)."""
     sites = plan.model_sites
-    trace = enum_trace(config.model, sites, params, args, kwargs)
+    trace = enum_trace(config.model, sites, params, args, kwargs, indices)
     if shifts is None:
         shifts = data_shifts(plan, trace)
     res = e_step(trace, sites, shifts)
@@ -194,6 +209,49 @@ def _prior_blocks(fn, shape: tuple, role_event: tuple) -> dict:
     return out
 
 
+def damped(proposal: jax.Array, current: jax.Array, points: jax.Array, nu: float) -> jax.Array:
+    r"""The damped M step of a parameter block whose statistics rest on ``points``
+    effective points:
+
+    $$
+    \theta \leftarrow \theta + \frac{m}{m + \nu} (\bar\theta(\hat s) - \theta).
+    $$
+
+    The maximiser of the M step's objective plus a proximal term that holds $\theta$ with
+    the weight of $\nu$ points: a block seen through a handful of points (a small
+    component early in a stream of high-dimensional data) moves a little, one seen
+    through many moves all the way. A fixed point of EM is one of the damped step, and
+    a step toward the maximiser along the segment still increases the objective (it is
+    concave or unimodal along it in every registered family), so the damped step is a
+    generalized EM step. The constraints of every family are convex, so the damped value
+    keeps them. ``points``: ``(num_blocks,)``, ``inf`` under a prior (no damping).
+    """
+    if nu <= 0:
+        return proposal
+    rho = jnp.where(jnp.isinf(points), 1.0, points / (points + nu))
+    rho = rho.reshape(rho.shape + (1,) * (proposal.ndim - rho.ndim)).astype(proposal.dtype)
+    return current + rho * (proposal - current)
+
+
+def _finisher(projection, shape: tuple, current: jax.Array, scale: jax.Array, nu: float):
+    """The ``finish`` hook of one role (`Family.m_step`): the damped step toward the
+    proposal (``count * scale`` effective points per block), then the `Projection` of
+    the site's values, applied to parameter blocks ``(num_blocks, *role_event)`` with
+    per-block weights ``(num_blocks,)``."""
+
+    def apply(blocks, count, weights):
+        blocks = damped(blocks, current, count * scale, nu)
+        if projection is None:
+            return blocks
+        if weights is not None:
+            extra = (1,) * (blocks.ndim - weights.ndim)
+            weights = jnp.broadcast_to(weights.reshape(weights.shape + extra), blocks.shape)
+            weights = weights.reshape(shape)
+        return projection(blocks.reshape(shape), weights).reshape(blocks.shape)
+
+    return apply
+
+
 def m_step(
     config: Config,
     plan: Plan,
@@ -202,9 +260,10 @@ def m_step(
     shifts: dict,
     total_size: float,
     trace,
+    effective_points: jax.Array | float = jnp.inf,
 ):
     """Closed-form M step of every planned site, from the running statistics (taken
-    about ``shifts``)."""
+    about ``shifts``), damped (`damped`) by the ``effective_points`` behind them."""
     new = dict(params)
     for sp in plan.sites:
         fam = sp.family
@@ -226,6 +285,21 @@ def m_step(
             if prior_site is not None:
                 priors[role] = _prior_blocks(trace[prior_site]["fn"], shape, events[role])
         groups = dict(sp.groups)  # static (NumPy) maps: identities are free
+        nu = config.damping
+        if nu is None:
+            nu = sp.component_points if config.schedule is None else 0.0
+        # block counts are N-scaled per-point averages: m = count / N * effective points
+        scale = effective_points / total_size
+        finish = {
+            role: _finisher(
+                sp.projections.get(role),
+                plan.model_sites.params[sp.learned[role]].shape,
+                current[role],
+                scale,
+                nu,
+            )
+            for role in sp.learned
+        }
         out = fam.m_step(
             stats[sp.site],
             groups,
@@ -236,6 +310,7 @@ def m_step(
             dict(sp.attrs),
             dict(sp.reparams),
             shift,
+            finish,
         )
         for role, value in out.items():
             pname = sp.learned[role]
@@ -250,7 +325,11 @@ def init_state(
 ) -> OnlineEMState:
     """State whose statistics are those of the init batch under ``params``, about the
     init batch's mean (`data_shifts`)."""
-    batch = batch_statistics(config, plan, params, None, args, kwargs)
+    indices = batch_indices
+    if plan.model_sites.reads_subsample:
+        rng_key, key = jax.random.split(rng_key)
+        indices = random_indices(key)
+    batch = batch_statistics(config, plan, params, None, args, kwargs, indices)
     return OnlineEMState(
         params=params,
         stats=batch.stats,
@@ -258,9 +337,30 @@ def init_state(
         averaged=params,
         count=jnp.zeros((), jnp.int32),
         num_seen=jnp.asarray(batch.batch_size, jnp.result_type(float)),
+        weight_sq=jnp.asarray(1.0 / batch.batch_size, jnp.result_type(float)),
         rng_key=rng_key,
         plan=plan,
     )
+
+
+def batch_step(
+    schedule: Schedule, num_seen: jax.Array, batch_size: float, step_points: float
+) -> jax.Array:
+    r"""The step of a batch of $B$ points when the schedule gives the step $\gamma(t)$
+    per $P$ = ``step_points`` points, $t = n_{\text{seen}} / P$:
+
+    $$
+    \gamma_B = 1 - (1 - \gamma(t))^{B / P}.
+    $$
+
+    $P/B$ batches of $B$ points ($P$ single points, say) retain the old statistics by
+    the same factor $1 - \gamma(t)$ as one batch of $P$ points, so a stream gives the
+    same statistics however it is cut into batches (up to the variation of $\gamma$
+    within a window, and the M steps in between). ``num_seen``: points seen before the
+    batch; returns a float32 scalar, 1 when $\gamma(t) = 1$.
+    """
+    g = jnp.clip(jnp.asarray(schedule(num_seen / step_points), jnp.float32), 0.0, 1.0)
+    return -jnp.expm1((batch_size / step_points) * jnp.log1p(-g))
 
 
 def update(
@@ -271,28 +371,43 @@ def update(
     Pure and jittable; the state's size is independent of how much data was seen.
     """
     plan = state.plan
-    res = batch_statistics(config, plan, state.params, state.shifts, args, kwargs)
+    rng_key, indices = state.rng_key, batch_indices
+    if plan.model_sites.reads_subsample:  # the model draws its batch from the data given
+        rng_key, key = jax.random.split(rng_key)
+        indices = random_indices(key)
+    res = batch_statistics(config, plan, state.params, state.shifts, args, kwargs, indices)
     batch, batch_size = res.stats, res.batch_size
     loss = -jnp.mean(res.loglik)
     dtype = state.num_seen.dtype
     seen = state.num_seen + batch_size
     burn_in = plan.default_burn_in if config.burn_in is None else config.burn_in
     in_burn_in = seen <= burn_in
-    # the schedule runs on the number of batches of this size seen before (the init
-    # batch included), so an update moves the statistics by the same amount whether
-    # the points before it came one at a time or in batches
     schedule = config.schedule or robbins_monro(plan.default_kappa)
-    step = jnp.asarray(schedule(state.num_seen / batch_size), dtype)
+    step = batch_step(schedule, state.num_seen, batch_size, config.step_points).astype(dtype)
     gamma = jnp.minimum(jnp.where(in_burn_in, batch_size / seen, step), 1.0).astype(dtype)
     # a finite loss means finite data, log-densities and posterior weights, hence
-    # finite batch statistics; otherwise the update is skipped. The guard is folded
-    # into the elementwise updates (no branch, no extra pass over the state).
-    finite = jnp.isfinite(loss)
+    # finite batch statistics; data outside a site's support (a fractional count) can
+    # have a finite loss and are caught apart. Otherwise the update is skipped: the
+    # guard is folded into the elementwise updates (no branch, no extra pass over the
+    # state).
+    in_support = observed_in_support(res.trace, plan.model_sites)
+    finite = jnp.isfinite(loss) & in_support
     gamma = jnp.where(finite, gamma, 0.0)
     stats = jax.tree.map(
         lambda s, b: s + gamma.astype(s.dtype) * (jnp.where(finite, b, s) - s), state.stats, batch
     )
-    proposed = m_step(config, plan, state.params, stats, state.shifts, res.total_size, res.trace)
+    # every point of this batch weighs gamma / B in the new statistics
+    weight_sq = (1.0 - gamma) ** 2 * state.weight_sq + gamma**2 / batch_size
+    proposed = m_step(
+        config,
+        plan,
+        state.params,
+        stats,
+        state.shifts,
+        res.total_size,
+        res.trace,
+        1.0 / weight_sq,
+    )
     apply = finite & ~in_burn_in
     params = jax.tree.map(lambda new, old: jnp.where(apply, new, old), proposed, state.params)
 
@@ -301,7 +416,9 @@ def update(
         polyak = config.schedule is None and plan.default_polyak
     if polyak:
         # Polyak-Ruppert mean of the iterates, each weighted by its batch's points
-        start = plan.default_polyak_start if config.polyak_start is None else config.polyak_start
+        start = config.polyak_start
+        if start is None:
+            start = default_polyak_start(config.step_points, burn_in)
         weight = jnp.where(seen > start, batch_size / jnp.maximum(seen - start, 1.0), 1.0)
         weight = jnp.where(finite, jnp.minimum(weight, 1.0), 0.0)
         averaged = jax.tree.map(
@@ -316,19 +433,41 @@ def update(
         averaged=averaged,
         count=state.count + finite.astype(state.count.dtype),
         num_seen=jnp.where(finite, seen, state.num_seen),
-        rng_key=state.rng_key,
+        weight_sq=weight_sq,
+        rng_key=rng_key,
         plan=plan,
     )
-    info = UpdateInfo(loss=loss, step_size=gamma, m_step=apply, nonfinite=~finite)
+    info = UpdateInfo(
+        loss=loss,
+        step_size=gamma,
+        m_step=apply,
+        nonfinite=~jnp.isfinite(loss),
+        out_of_support=~in_support,
+        num_points=jnp.asarray(batch_size, dtype),
+    )
     return new_state, info
+
+
+def observed_in_support(trace, sites: ModelSites) -> jax.Array:
+    """Whether every observed value lies in its site's support (bool, shape ())."""
+    ok = jnp.asarray(True)
+    for name in sites.observed:
+        site = trace[name]
+        ok = ok & jnp.all(site["fn"].support(site["value"]))
+    return ok
+
+
+def _whole_data(sites: ModelSites):
+    return all_indices if sites.reads_subsample else batch_indices
 
 
 def log_likelihood(
     config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict, shifts=None
 ) -> jax.Array:
     """Per-datum marginal log-likelihood $\\log p(x_i \\mid \\theta)$, shape (batch,)
-    (Gaussian forms written about ``shifts``, see `data_shifts`)."""
-    trace = enum_trace(config.model, sites, params, args, kwargs)
+    (Gaussian forms written about ``shifts``, see `data_shifts`); every point of a
+    model that reads its data through the data plate's subsample."""
+    trace = enum_trace(config.model, sites, params, args, kwargs, _whole_data(sites))
     return e_step(trace, sites, shifts).loglik
 
 
@@ -336,7 +475,7 @@ def marginals(
     config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict, shifts=None
 ) -> dict:
     """Posterior marginals of every enumerated site, each of shape ``(batch, K)``."""
-    trace = enum_trace(config.model, sites, params, args, kwargs)
+    trace = enum_trace(config.model, sites, params, args, kwargs, _whole_data(sites))
     res = e_step(trace, sites, shifts)
     out = {}
     for name in sites.enumerated:

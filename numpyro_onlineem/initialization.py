@@ -7,14 +7,18 @@ that is the *location-like* parameter of a component (``Normal``/``MultivariateN
 enumerated latent):
 
 * ``init="auto"`` (default): the site is set from k-means++ centres (then 50 Lloyd
-  iterations, best of 10 restarts) over the init batch **only if** its initial value
-  is the same for every component: a placeholder such as ``jnp.zeros((K, D))``.
-  Values that differ across components were set on purpose and are kept.
+  iterations, best of 10 restarts) over the init batch **unless** its initial value was
+  chosen on purpose: a ``numpyro.param`` whose initial value differs across
+  components. A placeholder such as ``jnp.zeros((K, D))`` is replaced, and so is a
+  global site's start, which is drawn from its prior rather than chosen.
 * ``init="kmeans++"``: every such site is set from the centres, whatever its value.
 * ``init="model"``: nothing is changed; the model's own init values (or prior medians
   for global sites) are used.
 
-Values passed as ``init_params`` to `OnlineEM.init` are never overridden.
+Values passed as ``init_params`` to `OnlineEM.init` are never overridden. A site whose
+constraint orders its values (``ordered_vector``) gets its centres sorted along the
+ordered axis. The data are centred on their mean before k-means, so that float32 data
+far from the origin keep their precision.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.distributions import constraints
 
+from numpyro_onlineem.mstep.constraints import base_constraint
 from numpyro_onlineem.mstep.expfam import MStepOptions
 from numpyro_onlineem.mstep.plan import Plan, site_grid
 
@@ -60,11 +66,19 @@ def kmeans_pp(
     Returns
     -------
     Array, shape (k, p)
+
+    Notes
+    -----
+    The points are centred on their mean first: squared distances of float32 data far
+    from the origin (``|x|^2 - 2 x c + |c|^2`` at an offset of thousands) would lose the
+    spread of the data to cancellation.
     """
     x = jnp.asarray(x)
+    mean = jnp.mean(x, axis=0)
+    x = x - mean
     keys = jax.random.split(rng_key, num_restarts)
     centers, inertia = jax.vmap(lambda key: _kmeans_once(key, x, k, num_iters))(keys)
-    return centers[jnp.argmin(inertia)]
+    return centers[jnp.argmin(inertia)] + mean
 
 
 def _kmeans_once(rng_key, x, k, num_iters):
@@ -101,6 +115,16 @@ def _kmeans_once(rng_key, x, k, num_iters):
     spread = jnp.std(x, 0) + 1e-12
     jitter = 1e-3 * spread * jax.random.normal(key_jit, centers.shape, x.dtype)
     return jnp.where(n < k, centers + jitter, centers), inertia
+
+
+def _orders_components(constraint, block_map: np.ndarray, shape: tuple) -> bool:
+    """Whether ``constraint`` orders the components: an ordered vector whose last axis
+    runs over the components (``block_map`` gives the block of component ``k``)."""
+    base = base_constraint(constraint)
+    if not isinstance(base, constraints._OrderedVector | constraints._PositiveOrderedVector):
+        return False
+    first = block_map.reshape(len(block_map), -1)[:, 0]
+    return len(shape) >= 1 and np.array_equal(np.diff(first), np.ones(len(first) - 1))
 
 
 def data_driven_init(
@@ -147,12 +171,14 @@ def data_driven_init(
             if len(np.unique(bm_k)) != bm_k.size:
                 report[pname] = "from the model (tied across components)"
                 continue
-            shape = plan.model_sites.params[pname].shape
+            site_info = plan.model_sites.params[pname]
+            shape = site_info.shape
             ev = fam.role_event_ndim[role]
             event = tuple(shape[len(shape) - ev :]) if ev else ()
             blocks = np.array(params[pname]).reshape((-1,) + event)
             current = blocks[bm_k]
-            if mode == "auto" and not np.all(current == current[:1]):
+            deliberate = site_info.kind == "param" and not np.all(current == current[:1])
+            if mode == "auto" and deliberate:
                 report[pname] = "from the model (it differs across components)"
                 continue
             right_event = tuple(bm_k.shape[1:]) + event
@@ -166,10 +192,20 @@ def data_driven_init(
                 report[pname] = "from the model (the data vary along enumerated dimensions)"
                 continue
             value = value.reshape((npts,) + value.shape[1 + len(left) :])
+            if npts < k:
+                raise ValueError(
+                    f"OnlineEM.init: the init batch has {npts} point(s), too few to place "
+                    f"the {k} components of '{pname}' by k-means++ (at least {k}; a few "
+                    "hundred give good starts). Pass a larger first batch (OnlineEM.run "
+                    "buffers single points for it), give init_params={"
+                    f"'{pname}': ...}}, or use OnlineEM(..., init='model')."
+                )
             pts = jnp.broadcast_to(value, (npts,) + right_event).reshape((npts, -1))
             rng_key, sub = jax.random.split(rng_key)
             centers = kmeans_pp(sub, pts.astype(blocks.dtype), k=k)
             centers = np.asarray(fam.from_centers(role, centers, options))
+            if _orders_components(site_info.constraint, bm_k, shape):
+                centers = centers[np.argsort(centers[:, 0])]
             blocks[bm_k] = centers.reshape((k,) + right_event)
             params[pname] = jnp.asarray(blocks.reshape(shape), dtype=params[pname].dtype)
             report[pname] = f"from k-means++ over {npts} points of the init batch"

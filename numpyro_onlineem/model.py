@@ -26,13 +26,23 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 from numpyro import handlers
 from numpyro.contrib.funsor import enum as enum_handler
 from numpyro.contrib.funsor import trace as packed_trace
+from numpyro.contrib.funsor.enum_messenger import LocalNamedMessenger
 from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
+from numpyro.primitives import _PYRO_STACK, Messenger
+
+CHAINS_UNSUPPORTED = (
+    "Markov chains (HMMs and other models whose discrete latents depend on each "
+    "other in sequence) are not supported yet: the enumeration E step handles "
+    "latents that are independent given the parameters, one set per data point. "
+    "Support for chains is planned."
+)
 
 
 class ParamSite(NamedTuple):
@@ -71,6 +81,10 @@ class ModelSites(NamedTuple):
         Name of the data plate.
     max_plate_nesting : int
         Number of batch dimensions used by plates; enumeration uses the ones left of it.
+    reads_subsample : bool
+        Whether the observed values are read through the data plate's subsample
+        indices (``with plate("data", N, subsample_size=B) as idx: ... obs=x[idx]``, the
+        full data passed at every update): each update then draws fresh indices.
     """
 
     params: dict
@@ -79,10 +93,113 @@ class ModelSites(NamedTuple):
     local: tuple
     data_plate: str
     max_plate_nesting: int
+    reads_subsample: bool = False
 
 
 def _frames(site: dict) -> list:
     return [f for f in site["cond_indep_stack"] if f.dim is not None]
+
+
+class _ChainGuard(Messenger):
+    """Refuses the constructs of Markov chains, ``scan`` and ``markov``, with a message
+    that names them, before any other handler sees them."""
+
+    def process_message(self, msg):
+        if msg["type"] == "control_flow":
+            raise NotImplementedError(
+                "OnlineEM: the model uses numpyro.contrib.control_flow.scan. " + CHAINS_UNSUPPORTED
+            )
+        if msg["type"] == "sample" and any(type(h) is LocalNamedMessenger for h in _PYRO_STACK):
+            raise NotImplementedError(
+                f"OnlineEM: site '{msg['name']}' is inside a numpyro.contrib.funsor.markov "
+                "context. " + CHAINS_UNSUPPORTED
+            )
+
+
+class _CheckedSubstitute(Messenger):
+    """``handlers.substitute(data=values)`` that first checks each value's shape against
+    the site's own (a ``numpyro.param``'s initial value, a sample site's distribution),
+    so that a wrong shape is named instead of failing inside the model."""
+
+    def __init__(self, fn, values: dict, what: str):
+        self.values = values
+        self.what = what
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        name = msg.get("name")
+        if msg["type"] not in ("param", "sample") or name not in self.values:
+            return
+        value = self.values[name]
+        if msg["type"] == "param":
+            expected = tuple(jnp.shape(msg["args"][0])) if msg["args"] else None
+        else:
+            expected = tuple(msg["fn"].shape(msg["kwargs"].get("sample_shape", ())))
+        got = tuple(jnp.shape(value))
+        if expected is not None and got != expected:
+            raise ValueError(
+                f"OnlineEM.init: {self.what}['{name}'] has shape {got}, but site '{name}' "
+                f"has shape {expected}."
+            )
+        msg["value"] = value
+
+
+def batch_indices(size: int, subsample_size: int) -> jax.Array:
+    """The data plate's indices by default: the first ``subsample_size`` points. A model
+    that does not read its data through them (it gets its mini-batch as an argument)
+    only takes their number; fixing them spares NumPyro's draw of a random subset of
+    ``size`` at every update."""
+    return jnp.arange(subsample_size)
+
+
+def all_indices(size: int, subsample_size: int) -> jax.Array:
+    """Every point of the data plate: log-likelihoods and marginals of the whole data."""
+    return jnp.arange(size)
+
+
+def random_indices(rng_key: jax.Array) -> Callable:
+    """Indices drawn uniformly with replacement: $O(B)$ per update, where NumPyro's
+    draw without replacement costs $O(N)$."""
+
+    def draw(size: int, subsample_size: int) -> jax.Array:
+        return jax.random.randint(rng_key, (subsample_size,), 0, size)
+
+    return draw
+
+
+class _DataPlateIndices(Messenger):
+    """Sets the subsample indices of the data plate: ``indices(size, subsample_size)``."""
+
+    def __init__(self, fn, data_plate: str, indices: Callable):
+        self.data_plate = data_plate
+        self.indices = indices
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "plate" or msg["name"] != self.data_plate:
+            return
+        size, subsample_size = msg["args"]
+        if subsample_size is None or subsample_size == size:
+            return
+        value = self.indices(size, subsample_size)
+        msg["value"] = value
+        msg["args"] = (size, value.shape[0])
+
+
+def reads_subsample(model: Callable, sites: ModelSites, args: tuple, kwargs: dict) -> bool:
+    """Whether the observed values change with the data plate's subsample indices."""
+    traces = []
+    for shift in (0, 1):
+
+        def indices(size, subsample_size, shift=shift):
+            return (jnp.arange(subsample_size) + shift) % size
+
+        fn = _DataPlateIndices(model, sites.data_plate, indices)
+        traces.append(trace_model(fn, args, kwargs))
+    return any(
+        not np.array_equal(np.asarray(traces[0][n]["value"]), np.asarray(traces[1][n]["value"]))
+        for n in sites.observed
+    )
 
 
 def trace_model(
@@ -97,9 +214,9 @@ def trace_model(
     Global latent sites that ``params`` does not cover start at their prior median.
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    fn = handlers.seed(model, rng_key)
+    fn = handlers.seed(_ChainGuard(model), rng_key)
     fn = handlers.substitute(fn, substitute_fn=init_to_median)
-    fn = handlers.substitute(fn, data=params or {})
+    fn = _CheckedSubstitute(fn, params or {}, "init_params")
     with numpyro.validation_enabled(False):
         return handlers.trace(fn).get_trace(*args, **kwargs)
 
@@ -167,6 +284,7 @@ def classify_sites(trace: OrderedDict, data_plate: str | None = None) -> ModelSi
                     f"OnlineEM: observed site '{name}' lies outside the data plate "
                     f"'{data_plate}'. Every observed site must be inside it."
                 )
+            _check_runs_along_plate(site, data_plate)
             local.append(name)
         elif in_plate(site):
             local.append(name)
@@ -201,16 +319,35 @@ def classify_sites(trace: OrderedDict, data_plate: str | None = None) -> ModelSi
     )
 
 
+def _check_runs_along_plate(site: dict, data_plate: str) -> None:
+    """An observed value must have one entry per data point along the data plate; a value
+    broadcast along it (a single point given where a batch is expected) is refused."""
+    frame = data_plate_frame(site, data_plate)
+    shape = tuple(jnp.shape(site["value"]))
+    batch = shape[: len(shape) - site["fn"].event_dim]
+    along = batch[frame.dim] if len(batch) >= -frame.dim else 1
+    if along != frame.size:
+        raise ValueError(
+            f"OnlineEM: observed site '{site['name']}' has a value of shape {shape}, which "
+            f"does not run along the data plate '{data_plate}' (size {frame.size}, dim "
+            f"{frame.dim}): every data point would see the same value. Pass the data as a "
+            "batch whose first axis runs over the data points; a single point is a batch "
+            "of one, x[None]."
+        )
+
+
 def enum_trace(
     model: Callable,
     sites: ModelSites,
     params: dict,
     args: tuple,
     kwargs: dict,
+    indices: Callable = batch_indices,
 ) -> OrderedDict:
     """Trace ``model`` with ``params`` substituted and the enumerated sites enumerated in
-    parallel, each over a batch dimension left of the plates. Every sample site carries
-    ``site["infer"]["dim_to_name"]`` for funsor.
+    parallel, each over a batch dimension left of the plates, and the data plate's
+    subsample ``indices`` (`batch_indices`, `all_indices`, `random_indices`). Every
+    sample site carries ``site["infer"]["dim_to_name"]`` for funsor.
     """
     enumerated = set(sites.enumerated)
 
@@ -219,7 +356,8 @@ def enum_trace(
             return {"enumerate": "parallel"}
         return {}
 
-    fn = handlers.substitute(model, data=params)
+    fn = _DataPlateIndices(model, sites.data_plate, indices)
+    fn = handlers.substitute(fn, data=params)
     fn = numpyro.contrib.funsor.infer_config(fn, config)
     fn = enum_handler(fn, first_available_dim=-sites.max_plate_nesting - 1)
     fn = handlers.seed(fn, jax.random.PRNGKey(0))

@@ -32,6 +32,11 @@ class OnlineEMState(NamedTuple):
         Number of updates applied.
     num_seen : Array, float, shape ()
         Number of data points seen by ``update`` (plus those of ``init``).
+    weight_sq : Array, float, shape ()
+        $\sum_i a_i^2$ over the weights $a_i$ of the points seen in the running
+        statistics ($\sum_i a_i = 1$): $1 / $ ``weight_sq`` is the effective number of
+        points behind them (``num_seen`` for a running mean, fewer when old points are
+        forgotten).
     rng_key : Array
         PRNG key, split by operations that need randomness.
     plan : Plan
@@ -44,6 +49,7 @@ class OnlineEMState(NamedTuple):
     averaged: dict
     count: jax.Array
     num_seen: jax.Array
+    weight_sq: jax.Array
     rng_key: jax.Array
     plan: object
 
@@ -65,12 +71,20 @@ class UpdateInfo(NamedTuple):
         overflow): the update was skipped and the state returned unchanged. (A finite
         loss implies finite statistics, and the closed-form M steps guard their
         divisions, so finite statistics give finite estimates.)
+    out_of_support : Array, bool, shape ()
+        True when an observed value lies outside its site's support (a negative or
+        fractional count, say): the update was skipped and the state returned
+        unchanged.
+    num_points : Array, shape ()
+        Points in the batch.
     """
 
     loss: jax.Array
     step_size: jax.Array
     m_step: jax.Array
     nonfinite: jax.Array
+    out_of_support: jax.Array
+    num_points: jax.Array
 
 
 class OnlineEMRunResult(NamedTuple):

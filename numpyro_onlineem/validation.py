@@ -1,7 +1,10 @@
 """Eager checks of user input, outside jit, with messages that name the fix.
 
 Every check raises before any state is touched, so the state a caller passed in stays
-valid.
+valid. Shapes are always checked. Values (finite, inside the observed sites' supports)
+are checked here for NumPy data, on the host, at no cost to the device; JAX arrays are
+not read back (that would wait for the device at every batch): the compiled update
+checks them, skips a bad batch and flags it in `UpdateInfo`.
 """
 
 from __future__ import annotations
@@ -9,15 +12,26 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
 class InputSpec(NamedTuple):
-    """Shapes of the model's array arguments at ``init``: ``(name, ndim, trailing)``."""
+    """What ``init`` saw of the model's arguments.
+
+    Attributes
+    ----------
+    arrays : tuple of (name, ndim, trailing shape)
+        The array arguments.
+    statics : tuple of (name, value)
+        The other arguments.
+    observed : tuple of (name, site, support)
+        Array arguments that are observed values as they are (``obs=x``), with the
+        support of their site.
+    """
 
     arrays: tuple
     statics: tuple
+    observed: tuple = ()
 
 
 def _named_inputs(args: tuple, kwargs: dict):
@@ -35,23 +49,54 @@ def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _all_finite(x) -> bool:
-    """Fast check, on the device for JAX arrays (no copy to the host)."""
-    if not np.issubdtype(x.dtype, np.inexact):
-        return True
-    if isinstance(x, jax.Array):
-        return bool(jnp.isfinite(x).all())
-    return bool(np.isfinite(x).all())
+def _on_host(x) -> bool:
+    """NumPy data, whose values can be checked without waiting for the device."""
+    return isinstance(x, np.ndarray | np.generic)
 
 
-def describe_inputs(args: tuple, kwargs: dict) -> InputSpec:
-    arrays, statics = [], []
+def describe_inputs(args: tuple, kwargs: dict, observed: dict | None = None) -> InputSpec:
+    """The `InputSpec` of a call; ``observed`` maps observed site names to their
+    traced sites, to find the arguments used as observed values directly."""
+    arrays, statics, obs = [], [], []
     for name, val in _named_inputs(args, kwargs):
         if _is_array(val):
             arrays.append((name, np.ndim(val), tuple(np.shape(val)[1:])))
+            for site_name, site in (observed or {}).items():
+                if site["value"] is val:
+                    obs.append((name, site_name, site["fn"].support))
         elif val is None or isinstance(val, int | float | str | bool):
             statics.append((name, val))
-    return InputSpec(tuple(arrays), tuple(statics))
+    return InputSpec(tuple(arrays), tuple(statics), tuple(obs))
+
+
+def _first_bad(ok, values, shape) -> str:
+    bad = ~np.asarray(ok, bool)
+    index = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+    return f"{int(bad.sum())} value(s) outside it, the first at index {index}: " + repr(
+        np.asarray(values)[index] if np.ndim(values) else np.asarray(values)
+    )
+
+
+def check_observed(trace, sites, where: str) -> None:
+    """Every observed value of a concrete trace lies in its site's support.
+
+    Raises
+    ------
+    ValueError
+        Naming the site, the index of the first value outside the support, and it.
+    """
+    for name in sites.observed:
+        site = trace[name]
+        value = site["value"]
+        if _is_tracer(value):
+            continue
+        ok = np.asarray(site["fn"].support(value))
+        if not ok.all():
+            raise ValueError(
+                f"OnlineEM.{where}: observed site '{name}' must lie in its support "
+                f"{site['fn'].support}; it has {_first_bad(ok, value, ok.shape)}. Drop or "
+                "correct those points before the update."
+            )
 
 
 def check_inputs(
@@ -75,8 +120,8 @@ def check_inputs(
                 f"OnlineEM.{where}: argument {name} is an empty batch (shape {shape}); pass "
                 "at least one data point."
             )
-        if values and not _is_tracer(val) and not _all_finite(val):
-            bad = ~np.isfinite(np.asarray(val))
+        if values and _on_host(val) and np.issubdtype(val.dtype, np.inexact):
+            bad = ~np.isfinite(val)
             if bad.any():
                 first = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise ValueError(
@@ -99,6 +144,17 @@ def check_inputs(
                 f"{expect}. Every batch must keep the trailing shape; a single point is "
                 f"a batch of one: reshape it to (1, {', '.join(map(str, trailing))})."
             )
+    if values:
+        for name, site, support in spec.observed:
+            val = found.get(name)
+            if val is not None and _on_host(val):
+                ok = np.asarray(support(val))
+                if not ok.all():
+                    raise ValueError(
+                        f"OnlineEM.{where}: argument {name} is observed site '{site}', which "
+                        f"must lie in its support {support}; it has {_first_bad(ok, val, 0)}. "
+                        "Drop or correct those points before the update."
+                    )
     known = {name for name, _ in spec.statics} | {name for name, _, _ in spec.arrays}
     for name, val in found.items():
         if name not in known and not _is_array(val):

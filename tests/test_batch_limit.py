@@ -141,3 +141,46 @@ def test_shared_location_far_from_the_origin_equals_numpy_em(rng):
     np.testing.assert_allclose(params["weights"], w, atol=1e-4)
     np.testing.assert_allclose(params["locs"], mu, rtol=1e-6, atol=0)  # a few float32 ulps
     np.testing.assert_allclose(params["scales"], sd, rtol=1e-3)
+
+
+@pytest.mark.parametrize("cov_type", ["diag", "full"])
+def test_damped_batch_em_reaches_the_same_fixed_point(rng, x64, cov_type):
+    # the damped M step keeps EM's fixed points: batch EM damped by 100 pseudo-points
+    # (here a quarter of the data) converges where scikit-learn's does
+    x = _data(rng)
+    k = 3
+    means = x[rng.choice(len(x), k, replace=False)]
+    model = gmm_diag if cov_type == "diag" else gmm_full
+    em = OnlineEM(model, step_size=1.0, burn_in=0, init="model", damping=100.0)
+    state = em.init(jax.random.PRNGKey(0), x, init_params={"locs": means})
+    losses = []
+    for _ in range(400):
+        state, loss = em.update(state, x)
+        losses.append(float(loss))
+    # a generalized EM step: the marginal likelihood never decreases
+    assert np.all(np.diff(losses) < 1e-9)
+    params = em.get_params(state)
+    covs = params["scales"] ** 2 if cov_type == "diag" else params["covs"]
+    gm = _sklearn_iterate(x, cov_type, params["weights"], params["locs"], covs, 1)
+    np.testing.assert_allclose(params["weights"], gm.weights_, atol=1e-6)
+    np.testing.assert_allclose(params["locs"], gm.means_, atol=1e-6)
+    np.testing.assert_allclose(covs, gm.covariances_, atol=1e-6)
+
+
+def test_effective_points_of_the_running_statistics(rng):
+    # during burn-in the statistics are the exact running mean: every point weighs 1/n
+    x = rng.normal(size=(500, 2)).astype(np.float32)
+    em = OnlineEM(gmm_diag, burn_in=10_000)
+    state = em.init(jax.random.PRNGKey(0), x[:100])
+    for i in range(1, 5):
+        state, _ = em.update(state, x[100 * i : 100 * (i + 1)])
+    np.testing.assert_allclose(1.0 / state.weight_sq, 500.0, rtol=1e-5)
+    # a constant step c per batch: sum of squares of the geometric weights
+    c, b, n0 = 0.3, 50, 100
+    em = OnlineEM(gmm_diag, step_size=c, step_points=b, burn_in=0)
+    state = em.init(jax.random.PRNGKey(0), x[:n0])
+    expected = 1.0 / n0
+    for i in range(4):
+        state, _ = em.update(state, x[n0 + b * i : n0 + b * (i + 1)])
+        expected = (1 - c) ** 2 * expected + c**2 / b
+    np.testing.assert_allclose(state.weight_sq, expected, rtol=1e-5)

@@ -8,6 +8,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from numpyro_onlineem import OnlineEM
+from tests.models import gmm_diag
 
 
 def _counting_model():
@@ -63,7 +64,7 @@ def test_run_equals_sequential_updates(rng):
     model, _ = _counting_model()
     x = _data(rng, 1030)
     em = OnlineEM(model, chunk_size=4)
-    result = em.run(jax.random.PRNGKey(0), x, batch_size=100, progress_bar=False)
+    result = em.run(jax.random.PRNGKey(0), x, batch_size=100, progress_bar=False, init_points=100)
     state = em.init(jax.random.PRNGKey(0), x[:100])  # run initialises on the first batch
     losses = []
     for i in range(1, 11):
@@ -72,3 +73,148 @@ def test_run_equals_sequential_updates(rng):
     np.testing.assert_allclose(result.losses, losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+# ------------------------------------------------------ compile once per model and shapes
+_EVENTS: list | None = None
+
+
+def _listen(event, duration, **kwargs):
+    if _EVENTS is not None:
+        _EVENTS.append((event.rsplit("/", 1)[-1], kwargs.get("fun_name")))
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+class _Compiles:
+    """Counts JAX's traces and XLA compilations inside a ``with`` block."""
+
+    def __enter__(self):
+        global _EVENTS
+        _EVENTS = []
+        return self
+
+    def __exit__(self, *exc):
+        global _EVENTS
+        self.events, _EVENTS = _EVENTS, None
+
+    @property
+    def traces(self) -> list:
+        return [name for event, name in self.events if event == "jaxpr_trace_duration"]
+
+    @property
+    def compiles(self) -> list:
+        return [name for event, name in self.events if event == "backend_compile_duration"]
+
+
+def _blobs(rng, n, d=4):
+    centres = np.array([[0.0] * d, [5.0] * d, [-5.0] * d])
+    return (centres[rng.integers(0, 3, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_second_fit_of_the_same_model_compiles_nothing(rng):
+    x = _blobs(rng, 3000)
+    em = OnlineEM(gmm_diag)
+    first = em.run(jax.random.PRNGKey(0), x, batch_size=100, progress_bar=False)
+    em.log_likelihood(first.state, x[:100])
+    with _Compiles() as counted:
+        em = OnlineEM(gmm_diag)  # a new object, as in a new fit
+        second = em.run(jax.random.PRNGKey(1), x, batch_size=100, progress_bar=False)
+        em.log_likelihood(second.state, x[:100])
+    assert counted.traces == [] and counted.compiles == []
+    assert first.state.plan == second.state.plan
+    assert hash(first.state.plan) == hash(second.state.plan)
+    # the fits are real: both reach the same mixture (up to the labels' order)
+    np.testing.assert_allclose(
+        np.sort(first.params["locs"][:, 0]), np.sort(second.params["locs"][:, 0]), atol=0.1
+    )
+    np.testing.assert_allclose(np.sort(first.params["locs"][:, 0]), [-5, 0, 5], atol=0.1)
+
+
+def test_plans_differ_when_the_shapes_or_settings_do(rng):
+    x = _blobs(rng, 200)
+    a = OnlineEM(gmm_diag).init(jax.random.PRNGKey(0), x)
+    b = OnlineEM(gmm_diag).init(jax.random.PRNGKey(0), x[:, :3])
+    c = OnlineEM(gmm_diag, mstep={"scales": "fixed"}).init(jax.random.PRNGKey(0), x)
+    assert a.plan != b.plan and a.plan != c.plan
+    with _Compiles() as counted:
+        OnlineEM(gmm_diag).update(b, x[:50, :3])
+    assert counted.traces  # a new shape is compiled, once
+    config = OnlineEM(gmm_diag, step_size=0.1, burn_in=10).config
+    assert config == OnlineEM(gmm_diag, burn_in=10, step_size=0.1).config
+
+
+def test_restored_state_compiles_nothing_and_continues_the_fit(rng, tmp_path):
+    x = _blobs(rng, 2000)
+    em = OnlineEM(gmm_diag)
+    state = em.init(jax.random.PRNGKey(0), x[:500])
+    for i in range(5, 10):
+        state, _ = em.update(state, x[100 * i : 100 * (i + 1)])
+    # save the arrays only, as a checkpoint would
+    leaves, _ = jax.tree.flatten(state)
+    np.savez(tmp_path / "state.npz", *[np.asarray(v) for v in leaves])
+    continued, loss = em.update(state, x[1000:1100])
+
+    with _Compiles() as counted:
+        # a fresh object rebuilds the plan from the model, and the state from the file
+        fresh = OnlineEM(gmm_diag)
+        template = fresh.init(jax.random.PRNGKey(5), x[:500])
+        saved = np.load(tmp_path / "state.npz")
+        restored = jax.tree.unflatten(
+            jax.tree.structure(template), [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        )
+        again, loss_again = fresh.update(restored, x[1000:1100])
+    assert counted.traces == [] and counted.compiles == []
+    np.testing.assert_allclose(loss_again, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(continued), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+_SCRIPT = """
+import collections, jax, numpy as np
+import numpyro, numpyro.distributions as dist
+from numpyro.distributions import constraints
+import jax.numpy as jnp
+from numpyro_onlineem import OnlineEM
+
+counts = collections.Counter()
+jax.monitoring.register_event_listener(lambda event, **kw: counts.update([event]))
+
+def model(x, K=2):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    locs = numpyro.param("locs", jnp.zeros((K, 2)))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(locs[z], 1.0).to_event(1), obs=x)
+
+x = np.random.default_rng(0).normal(size=(600, 2)).astype(np.float32)
+x[::2] += 6.0
+res = OnlineEM(model).run(jax.random.PRNGKey(0), x, batch_size=50, progress_bar=False)
+print(counts["/jax/compilation_cache/cache_hits"], counts["/jax/compilation_cache/cache_misses"])
+print(np.sort(np.asarray(res.params["locs"])[:, 0]))
+"""
+
+
+def test_a_second_process_reads_the_compiled_update_from_the_cache(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMPYRO_ONLINEEM_COMPILATION_CACHE": str(tmp_path / "cache")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+    def run():
+        out = subprocess.run(
+            [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, check=True
+        )
+        hits, misses = map(int, out.stdout.split("\n")[0].split())
+        return hits, misses, out.stdout.split("\n")[1]
+
+    hits1, misses1, locs1 = run()
+    assert misses1 > 0 and os.listdir(tmp_path / "cache")
+    hits2, misses2, locs2 = run()
+    # every program the first process wrote (the updates among them) is read back
+    assert misses2 == 0 and hits2 >= 1
+    assert locs1 == locs2
+    np.testing.assert_allclose(np.array(locs2.strip("[]").split(), float), [0.0, 6.0], atol=0.2)

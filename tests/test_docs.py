@@ -36,4 +36,9 @@ def test_quickstart_blocks_run_in_order():
                 np.float32([0.3, 0.3, 0.4]),
             )
         if "update_with_info" in block:
-            np.testing.assert_allclose(float(namespace["info"].step_size), 502**-0.6, rtol=1e-6)
+            step = 1 - (1 - (500 / 256 + 2) ** -0.6) ** (1 / 256)
+            np.testing.assert_allclose(float(namespace["info"].step_size), step, rtol=1e-5)
+        if "losses: (98,)" in block:
+            assert namespace["result"].losses.shape == (98,)
+        if "itertools.islice(sensor(), 1000)" in block:
+            assert float(namespace["result"].state.num_seen) == 1000.0

@@ -145,13 +145,15 @@ def test_run_skips_non_finite_batches_and_warns(rng):
     bad = x.copy()
     bad[250, 2] = np.nan  # in the third batch of 100
     em = OnlineEM(gmm_diag, chunk_size=2)
-    with pytest.warns(RuntimeWarning, match="1 of 4 batches had non-finite values"):
-        result = em.run(jax.random.PRNGKey(0), bad, batch_size=100, progress_bar=False)
+    with pytest.warns(RuntimeWarning, match="1 of 4 batches had non-finite or out-of-support"):
+        result = em.run(
+            jax.random.PRNGKey(0), bad, batch_size=100, progress_bar=False, init_points=100
+        )
     assert not np.isfinite(result.losses[1])
     assert np.all(np.isfinite(np.delete(result.losses, 1)))
     # the same as a stream without that batch
     clean = np.concatenate([x[:200], x[300:]])
-    ref = em.run(jax.random.PRNGKey(0), clean, batch_size=100, progress_bar=False)
+    ref = em.run(jax.random.PRNGKey(0), clean, batch_size=100, progress_bar=False, init_points=100)
     for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(ref.state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
@@ -162,8 +164,100 @@ def test_zero_dimensional_array_arguments_are_accepted(rng):
             numpyro.sample("obs", dist.Normal(numpyro.param("loc", 0.0), 1.0), obs=x - shift)
 
     x = rng.normal(size=20)
-    em = OnlineEM(shifted)
+    em = OnlineEM(shifted, step_size=1.0, burn_in=0)  # batch EM: the estimate is the mean
     state = em.init(jax.random.PRNGKey(0), x, jnp.asarray(1.0))
     state, loss = em.update(state, x, jnp.asarray(1.0))
     assert np.isfinite(loss)
     np.testing.assert_allclose(em.get_params(state)["loc"], np.mean(x - 1.0), rtol=1e-5)
+
+
+def _poisson_mixture(x, K=2):
+    weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+    rates = numpyro.param("rates", jnp.array([1.0, 5.0]), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("obs", dist.Poisson(rates[z]), obs=x)
+
+
+def test_out_of_support_counts_are_named_and_leave_the_state_untouched(rng):
+    x = rng.poisson(3.0, 400).astype(np.float32)
+    em = OnlineEM(_poisson_mixture)
+    fractional = x.copy()
+    fractional[7] = 2.5
+    with pytest.raises(ValueError, match=r"site 'obs' must lie in its support .* index \(7,\)"):
+        em.init(jax.random.PRNGKey(0), fractional)
+    state = em.init(jax.random.PRNGKey(0), x[:200])
+    before = jax.tree.map(np.array, state)
+    negative = x[200:300].copy()
+    negative[3] = -1.0
+    with pytest.raises(ValueError, match=r"args\[0\] is observed site 'obs'.*index \(3,\): .*-1"):
+        em.update(state, negative)
+    _assert_same(state, before)
+    # inside the user's jit: skipped and flagged, the state passed through unchanged
+    after, info = jax.jit(em.update_with_info)(state, jnp.asarray(fractional[:100]))
+    assert bool(info.out_of_support)
+    _assert_same(after, before)
+    after, info = jax.jit(em.update_with_info)(state, jnp.asarray(x[300:]))
+    assert not bool(info.out_of_support) and not bool(info.nonfinite)
+
+
+def test_lists_are_batches(rng):
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    em = OnlineEM(gmm_diag)
+    from_list = em.init(jax.random.PRNGKey(0), x.tolist())
+    from_array = em.init(jax.random.PRNGKey(0), x.astype(np.float64))
+    for a, b in zip(jax.tree.leaves(from_list), jax.tree.leaves(from_array), strict=True):
+        np.testing.assert_array_equal(a, b)
+    state, loss = em.update(from_list, x[:10].tolist())
+    assert np.isfinite(loss)
+    with pytest.raises(TypeError, match="a list argument must hold numbers"):
+        em.update(state, [["a", "b"]])
+
+
+def test_init_params_of_the_wrong_shape_are_named(rng):
+    with pytest.raises(
+        ValueError,
+        match=r"init_params\['locs'\] has shape \(2,\), but site 'locs' has shape \(3, 4\)",
+    ):
+        OnlineEM(gmm_diag).init(
+            jax.random.PRNGKey(0), rng.normal(size=(20, 4)), init_params={"locs": np.zeros(2)}
+        )
+
+
+def _hmm_scan(x, K=2):
+    from numpyro.contrib.control_flow import scan
+
+    trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+    locs = numpyro.param("locs", jnp.arange(K) * 1.0)
+
+    def step(z_prev, xt):
+        with numpyro.plate("seqs", x.shape[0], dim=-1):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            numpyro.sample("obs", dist.Normal(locs[z], 1.0), obs=xt)
+        return z, None
+
+    scan(step, jnp.zeros(x.shape[0], jnp.int32), x.T)
+
+
+def _hmm_markov(x, K=2):
+    from numpyro.contrib.funsor import markov
+
+    trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+    locs = numpyro.param("locs", jnp.arange(K) * 1.0)
+    with numpyro.plate("seqs", x.shape[0], dim=-1):
+        z = 0
+        for t in markov(range(x.shape[1])):
+            z = numpyro.sample(f"z_{t}", dist.Categorical(trans[z]))
+            numpyro.sample(f"obs_{t}", dist.Normal(locs[z], 1.0), obs=x[:, t])
+
+
+@pytest.mark.parametrize(
+    "model,match",
+    [
+        (_hmm_scan, "uses numpyro.contrib.control_flow.scan. Markov chains"),
+        (_hmm_markov, "site 'z_0' is inside a numpyro.contrib.funsor.markov context. Markov"),
+    ],
+)
+def test_markov_chains_get_the_documented_error(rng, model, match):
+    with pytest.raises(NotImplementedError, match=match):
+        OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=(10, 5)).astype(np.float32))

@@ -8,6 +8,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.distributions import constraints
 from sklearn.cluster import KMeans
+from sklearn.mixture import GaussianMixture
 
 from numpyro_onlineem import OnlineEM, kmeans_pp
 from tests.models import gmm_diag
@@ -63,3 +64,43 @@ def test_model_mode_keeps_placeholders(rng):
     x, _ = _blobs(rng)
     state = OnlineEM(gmm_diag, init="model").init(jax.random.PRNGKey(0), x)
     np.testing.assert_array_equal(state.params["locs"], np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("offset", [3e3, 1e5])
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_default_start_far_from_the_origin_matches_sklearn(rng, offset, covariance):
+    # float32 data thousands of units from the origin: k-means++ works on centred data
+    from tests.models import gmm_full
+
+    model = {"diag": gmm_diag, "full": gmm_full}[covariance]
+    # components a unit apart, ten standard deviations: at an offset of 3,000 the float32
+    # squared distances |x|^2 - 2 x c + |c|^2 are off by about one, and so were the
+    # centres of k-means++ before it centred the data
+    centers = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    x = offset + centers[rng.integers(0, 3, 12_000)] + 0.1 * rng.normal(size=(12_000, 3))
+    x = x.astype(np.float32)
+    train, test = x[:10_000], x[10_000:]
+    ref = GaussianMixture(3, covariance_type=covariance, n_init=3, random_state=0)
+    score = ref.fit(train.astype(np.float64)).score(test.astype(np.float64))
+    em = OnlineEM(model)
+    result = em.run(jax.random.PRNGKey(0), train, batch_size=100, progress_bar=False)
+    assert float(em.log_likelihood(result.state, test).mean()) > score - 0.02
+
+
+def test_a_prior_on_the_locations_keeps_the_data_driven_start(rng):
+    # values drawn from a prior differ across components, but nobody chose them
+    def gmm_prior(x, K=3):
+        weights = numpyro.sample("weights", dist.Dirichlet(2.0 * jnp.ones(K)))
+        locs = numpyro.sample("locs", dist.Normal(0.0, 10.0).expand([K, 2]).to_event(2))
+        with numpyro.plate("data", 20_000, subsample_size=x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(weights))
+            numpyro.sample("obs", dist.Normal(locs[z], 1.0).to_event(1), obs=x)
+
+    centers = np.array([[3.0, -2.0], [1.0, 3.5], [-3.5, -1.0]])
+    x = (centers[rng.integers(0, 3, 20_000)] + rng.normal(size=(20_000, 2))).astype(np.float32)
+    for seed in range(3):
+        em = OnlineEM(gmm_prior)
+        result = em.run(jax.random.PRNGKey(seed), x, batch_size=500, progress_bar=False)
+        assert "k-means++" in em.mstep_paths(result.state)["locs"]
+        locs = np.asarray(result.params["locs"])
+        np.testing.assert_allclose(locs[np.argsort(locs[:, 0])], centers[[2, 1, 0]], atol=0.1)

@@ -77,11 +77,6 @@ def local_log_probs(
                 else fn.log_prob(value)
             )
         dim_to_name = site["infer"]["dim_to_name"]
-        if any(n.startswith("_time") or n.startswith("_PREV_") for n in dim_to_name.values()):
-            raise NotImplementedError(
-                f"OnlineEM: site '{name}' is inside a markov/scan chain; Markov chains are "
-                "not supported by the enumeration E step yet."
-            )
         lp = jnp.broadcast_to(lp, jnp.shape(lp))
         log_probs[name] = lp
         layout.append(Factor(name, tuple(dim_to_name.items())))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.special import gammaln
+from numpyro.distributions import constraints
 from numpyro.distributions.util import clamp_probs
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -129,6 +130,16 @@ def take(x: jax.Array, groups: np.ndarray) -> jax.Array:
     return x[jnp.asarray(groups)]
 
 
+def _finish(
+    finish: dict | None, role: str, value: jax.Array, count: jax.Array, weights=None
+) -> jax.Array:
+    """A role's M-step proposal, damped and kept inside its site's constraint by the
+    caller's hook (see `Family.m_step`)."""
+    if not finish or role not in finish:
+        return value
+    return finish[role](value, count, weights)
+
+
 def _keep(count: jax.Array, new: jax.Array, current: jax.Array, min_count: float) -> jax.Array:
     """``new`` where the block saw enough data, ``current`` elsewhere."""
     mask = (count > min_count).reshape(count.shape + (1,) * (new.ndim - count.ndim))
@@ -151,6 +162,11 @@ class Family:
     # role whose estimation makes the statistics moments about a fixed reference point
     # (the Gaussian location), or None: statistics of the value itself
     shift_role: str | None = None
+    # role -> the support of the values the closed-form M step returns for it
+    role_support: dict = {}
+    # roles whose M-step objective is a separable quadratic in the role's value (a
+    # Normal location): an ordered constraint is kept exactly by isotonic regression
+    quadratic_roles: tuple = ()
 
     def roles(self, base: dist.Distribution) -> dict:
         """Role name -> (distribution attribute name, array)."""
@@ -176,6 +192,13 @@ class Family:
         """Attribute names of the distribution that are functions of ``role``."""
         return (role,)
 
+    def support(self, role: str, attr: str, reparam: str | None = None):
+        """The support of the closed-form estimates of the site in ``role`` (read from
+        ``attr``; through the named reparametrisation, a positive quantity)."""
+        if reparam is not None:
+            return constraints.positive
+        return self.role_support[role]
+
     has_linear_form: bool = False
 
     def linear_form(self, value, params, num_event, center=None) -> tuple[list, Any, Any]:
@@ -195,13 +218,29 @@ class Family:
         raise NotImplementedError
 
     def m_step(
-        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+        self,
+        stats,
+        groups,
+        current,
+        priors,
+        num_data,
+        options,
+        attrs,
+        reparams,
+        shift=None,
+        finish=None,
     ) -> dict:
         """Closed-form M step (see the module docstring). ``current`` holds role values
         (reparametrised sites already mapped forward); ``reparams`` names the
         reparametrisation of each role that has one; ``shift`` is the reference point
         of every cell, shape ``(num_cells, *value_event)``, for statistics taken about
-        one (``None``: about the origin); the result is in role values."""
+        one (``None``: about the origin); ``finish`` maps a role to a callable
+        ``(blocks, count, weights) -> blocks`` applied to the role's proposal before the
+        roles that depend on it (`numpyro_onlineem.core.m_step`: the damped step toward
+        it, then the projection onto the site's constraint), with ``count`` the
+        ``N``-scaled expected points of each block (``inf`` under a prior) and
+        ``weights`` the curvature of a separable quadratic objective, or ``None``; the
+        result is in role values."""
         raise NotImplementedError
 
     def from_centers(self, role: str, centers: jax.Array, options: MStepOptions) -> jax.Array:
@@ -240,6 +279,8 @@ class NormalFamily(Family):
     }
     center_roles = ("loc",)
     shift_role = "loc"
+    role_support = {"loc": constraints.real, "scale": constraints.positive}
+    quadratic_roles = ("loc",)
 
     def roles(self, base):
         return {"loc": ("loc", base.loc), "scale": ("scale", base.scale)}
@@ -270,7 +311,17 @@ class NormalFamily(Family):
         }
 
     def m_step(
-        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+        self,
+        stats,
+        groups,
+        current,
+        priors,
+        num_data,
+        options,
+        attrs,
+        reparams,
+        shift=None,
+        finish=None,
     ):
         n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
         c = 0.0 if shift is None else shift
@@ -287,9 +338,9 @@ class NormalFamily(Family):
                 m0, s0 = priors["loc"]["loc"], priors["loc"]["scale"]
                 a, b = a + m0 / s0**2, b + 1.0 / s0**2
                 count = jnp.full_like(count, jnp.inf)
-            out["loc"] = _keep(
-                count, a / jnp.where(b > 0, b, 1.0), current["loc"], options.min_count
-            )
+            loc = _keep(count, a / jnp.where(b > 0, b, 1.0), current["loc"], options.min_count)
+            # the quadratic's curvature b weighs the blocks of an ordered projection
+            out["loc"] = _finish(finish, "loc", loc, count, b)
         if "scale" in groups:
             g, nb = groups["scale"]
             # the new location about each cell's reference point
@@ -310,7 +361,8 @@ class NormalFamily(Family):
                 var = rate / jnp.where(shape > 0, shape, 1.0)
                 # a Gamma precision with a < 1 and too little data has its mode at 0
                 den = jnp.where(shape > 0, jnp.inf, 0.0)
-            out["scale"] = _keep(den, jnp.sqrt(var), current["scale"], options.min_count)
+            scale = _keep(den, jnp.sqrt(var), current["scale"], options.min_count)
+            out["scale"] = _finish(finish, "scale", scale, den)
         return out
 
 
@@ -333,6 +385,7 @@ class MultivariateNormalFamily(Family):
     conjugate_priors = {"loc": (dist.Normal,), "cov": (dist.InverseWishart, dist.Wishart)}
     center_roles = ("loc",)
     shift_role = "loc"
+    role_support = {"loc": constraints.real_vector, "cov": constraints.positive_definite}
     _forms = ("covariance_matrix", "precision_matrix", "scale_tril")
     _cov_priors = {"covariance_matrix": dist.InverseWishart, "precision_matrix": dist.Wishart}
 
@@ -340,6 +393,11 @@ class MultivariateNormalFamily(Family):
         if role == "cov":
             return [self._cov_priors[attr]] if attr in self._cov_priors else []
         return super().prior_choices(role, attr, reparam)
+
+    def support(self, role, attr, reparam=None):
+        if role == "cov" and attr == "scale_tril":
+            return constraints.lower_cholesky
+        return super().support(role, attr, reparam)
 
     def cov_form(self, base) -> str:
         for form in self._forms[:2]:
@@ -368,7 +426,17 @@ class MultivariateNormalFamily(Family):
         }
 
     def m_step(
-        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+        self,
+        stats,
+        groups,
+        current,
+        priors,
+        num_data,
+        options,
+        attrs,
+        reparams,
+        shift=None,
+        finish=None,
     ):
         n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
         c = jnp.zeros_like(s1) if shift is None else shift
@@ -388,6 +456,9 @@ class MultivariateNormalFamily(Family):
                 safe_n = jnp.where(n > 0, n, 1.0)
                 mu = _keep(n, c + s1 / safe_n[:, None], take(current["loc"], g), options.min_count)
             one_to_one = _is_identity(g, current["loc"].shape[0])
+            if one_to_one:
+                count = n if priors.get("loc") is None else jnp.full_like(n, jnp.inf)
+                mu = _finish(finish, "loc", mu, count)
             out["loc"] = mu if one_to_one else current["loc"].at[jnp.asarray(g)].set(mu)
         if "cov" in groups:
             g, nb = groups["cov"]
@@ -416,9 +487,10 @@ class MultivariateNormalFamily(Family):
             # dimensions, round-off) keeps its current value
             valid = jnp.all(jnp.isfinite(chol), axis=(-2, -1))
             count = jnp.where(valid, den, 0.0)
-            out["cov"] = _keep(
+            cov = _keep(
                 count, _from_cov(cov, chol, attrs["cov"]), current["cov"], options.min_count
             )
+            out["cov"] = _finish(finish, "cov", cov, count)
         return out
 
 
@@ -451,6 +523,7 @@ class CategoricalFamily(Family):
     dist_types = (dist.CategoricalProbs,)
     role_event_ndim = {"probs": 1}
     conjugate_priors = {"probs": (dist.Dirichlet,)}
+    role_support = {"probs": constraints.simplex}
 
     def roles(self, base):
         return {"probs": ("probs", base.probs)}
@@ -464,7 +537,17 @@ class CategoricalFamily(Family):
         return {"counts": contract_data(weight[..., None], onehot)}
 
     def m_step(
-        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+        self,
+        stats,
+        groups,
+        current,
+        priors,
+        num_data,
+        options,
+        attrs,
+        reparams,
+        shift=None,
+        finish=None,
     ):
         g, nb = groups["probs"]
         counts = segment_sum(num_data * stats["counts"], g, nb)
@@ -474,7 +557,8 @@ class CategoricalFamily(Family):
             total = jnp.full_like(total, jnp.inf)
         norm = counts.sum(-1, keepdims=True)
         new = counts / jnp.where(norm > 0, norm, 1.0)
-        return {"probs": _keep(total, new, current["probs"], options.min_count)}
+        new = _keep(total, new, current["probs"], options.min_count)
+        return {"probs": _finish(finish, "probs", new, total)}
 
 
 class _CountRateFamily(Family):
@@ -498,7 +582,17 @@ class _CountRateFamily(Family):
         return jnp.maximum(value, options.prob_eps)
 
     def m_step(
-        self, stats, groups, current, priors, num_data, options, attrs, reparams, shift=None
+        self,
+        stats,
+        groups,
+        current,
+        priors,
+        num_data,
+        options,
+        attrs,
+        reparams,
+        shift=None,
+        finish=None,
     ):
         g, nb = groups[self.role]
         n = segment_sum(num_data * stats["n"], g, nb)
@@ -507,7 +601,8 @@ class _CountRateFamily(Family):
         num, den = self.ratio(n, s1, prior)
         count = n if prior is None else jnp.full_like(n, jnp.inf)
         value = self.clip(num / jnp.where(den > 0, den, 1.0), options)
-        return {self.role: _keep(count, value, current[self.role], options.min_count)}
+        value = _keep(count, value, current[self.role], options.min_count)
+        return {self.role: _finish(finish, self.role, value, count)}
 
 
 class BernoulliFamily(_CountRateFamily):
@@ -520,6 +615,7 @@ class BernoulliFamily(_CountRateFamily):
     role_event_ndim = {"probs": 0}
     conjugate_priors = {"probs": (dist.Beta,)}
     center_roles = ("probs",)
+    role_support = {"probs": constraints.open_interval(0.0, 1.0)}
 
     has_linear_form = True
 
@@ -552,6 +648,7 @@ class PoissonFamily(_CountRateFamily):
     role_event_ndim = {"rate": 0}
     conjugate_priors = {"rate": (dist.Gamma,)}
     center_roles = ("rate",)
+    role_support = {"rate": constraints.positive}
 
     has_linear_form = True
 
@@ -580,6 +677,7 @@ class ExponentialFamily(_CountRateFamily):
     role_event_ndim = {"rate": 0}
     conjugate_priors = {"rate": (dist.Gamma,)}
     center_roles = ("rate",)
+    role_support = {"rate": constraints.positive}
 
     has_linear_form = True
 

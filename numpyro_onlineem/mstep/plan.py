@@ -21,6 +21,8 @@ parameter blocks it reads. Statistics are accumulated per cell.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -31,7 +33,10 @@ import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
 
 from numpyro_onlineem.model import ModelSites, data_plate_frame, enum_trace
+from numpyro_onlineem.mstep.constraints import plan_projection
 from numpyro_onlineem.mstep.expfam import Family, find_family, unwrap
+from numpyro_onlineem.schedules import default_burn_in, default_kappa, default_polyak
+from numpyro_onlineem.static import freeze
 from numpyro_onlineem.validation import InputSpec, describe_inputs
 
 
@@ -65,6 +70,14 @@ class SitePlan(NamedTuple):
         Whether some cell pools positions that read different elements of the data
         (a location shared across coordinates): the statistics' reference point is
         then one number for the whole site (see `numpyro_onlineem.core.data_shifts`).
+    projections : dict[str, Projection]
+        Role -> the projection that keeps its estimates inside the estimated site's
+        constraint, for the roles that need one
+        (`numpyro_onlineem.mstep.constraints`).
+    component_points : float
+        The data elements of one data point that one state of the enumerated latents
+        describes (``D`` for a ``D``-dimensional Gaussian component): the default
+        pseudo-points of the damped M step (`numpyro_onlineem.core.damped`).
     """
 
     site: str
@@ -79,13 +92,18 @@ class SitePlan(NamedTuple):
     priors: dict
     reparams: dict
     pooled_shift: bool = False
+    projections: dict = {}
+    component_points: float = 1.0
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
     """The M-step plan of a model: one `SitePlan` per contributing site.
 
-    Static (no arrays of the state): it travels in `OnlineEMState` as pytree
-    metadata, so ``jit`` sees it as part of the function, and it compares by identity.
+    Immutable and static (no arrays of the state): it travels in `OnlineEMState` as
+    pytree metadata, so ``jit`` sees it as part of the function. It compares and hashes
+    by value (`numpyro_onlineem.static.freeze`): plans made from the same model,
+    settings and shapes are equal, and the compiled update of one serves the other.
 
     Attributes
     ----------
@@ -95,50 +113,46 @@ class Plan:
     model_sites : ModelSites
         The site classification the plan was made for.
     default_burn_in : float
-        Points before the first M step unless the user sets it: ``max(20, 10 K)``,
-        ``K`` the largest number of states of an enumerated site, and at least
-        ``8 K D`` when a ``D``-dimensional full covariance is estimated (about eight
-        points per dimension and component: by Marchenko–Pastur, the eigenvalues of a
-        covariance from ``n = 8 D`` points lie within ``(1 ± (D/n)^0.5)^2``, about
-        0.42–1.83 times the true ones; from ``2 D`` points the smallest shrink to 0.09
-        of theirs, the first M step is overconfident and one pass can settle in a worse
-        optimum, measured 0.7 nats/point short at K=20, D=64).
+        Points before the first M step unless the user sets it
+        (`numpyro_onlineem.schedules.default_burn_in`).
     input_spec : InputSpec
         Shapes of the model's arguments at init, against which batches are checked.
     stats_per_component : float
         Number of sufficient statistics per component ``m`` (all statistics over the
         largest number of enumerated states ``K``).
-    default_kappa : float
-        Step-size exponent used unless the user gives a schedule: ``0.6`` when
-        ``m <= 1000``, else ``1.0``. Statistics of many dimensions per component (full
-        covariances) need a long averaging window: their M step is a nonlinear function
-        of noisy statistics (a matrix inverse), and a short window leaves it biased.
-    default_polyak : bool
-        Averaging is on with ``kappa=0.6`` (it removes the iterates' noise) and off with
-        ``kappa=1`` (the statistics are already a running mean).
-    default_polyak_start : float
-        Points seen before averaging starts: ``100`` burn-ins (``1000 K`` points for
-        mixtures), so that the average leaves out the transient from the start.
     """
 
-    def __init__(
-        self,
-        sites: tuple,
-        paths: dict,
-        model_sites: ModelSites,
-        default_burn_in: float,
-        input_spec: InputSpec | None = None,
-        stats_per_component: float = 0.0,
-    ):
-        self.sites = sites
-        self.paths = paths
-        self.model_sites = model_sites
-        self.default_burn_in = default_burn_in
-        self.input_spec = input_spec
-        self.stats_per_component = stats_per_component
-        self.default_kappa = 0.6 if stats_per_component <= 1000 else 1.0
-        self.default_polyak = self.default_kappa < 1.0
-        self.default_polyak_start = 100.0 * default_burn_in
+    sites: tuple
+    paths: dict
+    model_sites: ModelSites
+    default_burn_in: float
+    input_spec: InputSpec | None = None
+    stats_per_component: float = 0.0
+
+    @property
+    def default_kappa(self) -> float:
+        """Step-size exponent unless the user gives a schedule
+        (`numpyro_onlineem.schedules.default_kappa`)."""
+        return default_kappa(self.stats_per_component)
+
+    @property
+    def default_polyak(self) -> bool:
+        """Whether averaging is on by default (`numpyro_onlineem.schedules.default_polyak`)."""
+        return default_polyak(self.default_kappa)
+
+    def replace(self, **changes) -> Plan:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @functools.cached_property
+    def _key(self) -> tuple:
+        return freeze(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, Plan) and self._key == other._key)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}: {v}" for k, v in self.paths.items())
@@ -364,6 +378,8 @@ def make_plan(
                 priors={},
                 reparams=reparams,
                 pooled_shift=bool(pooled),
+                projections={},
+                component_points=_component_points(site_id, grid, data_axis, sites.enumerated),
             )
         )
 
@@ -396,6 +412,19 @@ def make_plan(
         path = f"closed form: {fam.name} {role} of site '{sname}'"
         if reparam is not None:
             path += f" (as a {reparam}: {role} = {fam.reparams[role][reparam].formula})"
+        projection = plan_projection(
+            name,
+            ps.constraint,
+            fam.support(role, splan.attrs[role], reparam),
+            quadratic=role in fam.quadratic_roles,
+            scalar_blocks=fam.role_event_ndim[role] == 0,
+            direct=reparam is None,
+        )
+        kept = ""
+        if projection is not None:
+            splan.projections[role] = projection
+            how = "isotonic regression" if projection.ordered else "clipping"
+            kept = f"; kept in its constraint {ps.constraint} by {how}"
         if ps.kind == "global":
             prior_fn = unwrap(tr_a[name]["fn"])
             attr = splan.attrs[role]
@@ -421,7 +450,7 @@ def make_plan(
             path += f", posterior mode under its {type(prior_fn).__name__} prior"
         else:
             path += ", maximum likelihood"
-        paths[name] = path
+        paths[name] = path + kept
     cardinalities = [
         int(tr_id[n]["fn"].enumerate_support(expand=False).shape[0]) for n in sites.enumerated
     ]
@@ -432,7 +461,7 @@ def make_plan(
         for sp in site_plans
         if "cov" in sp.learned
     ]
-    default_burn_in = float(max([20, 10 * k_max] + [8 * k_max * d for d in full_dims]))
+    burn_in = default_burn_in(k_max, full_dims)
     total_stats = sum(
         sp.num_cells * sp.family.num_stats(unwrap(tr_id[sp.site]["fn"])) for sp in site_plans
     )
@@ -440,10 +469,25 @@ def make_plan(
         tuple(site_plans),
         paths,
         sites,
-        default_burn_in,
-        describe_inputs(args, kwargs),
+        burn_in,
+        describe_inputs(args, kwargs, {name: tr_id[name] for name in sites.observed}),
         stats_per_component=total_stats / k_max,
     )
+
+
+def _component_points(site: dict, grid: tuple, data_axis: int, enumerated: tuple) -> float:
+    """Elements of one data point's value per state of the enumerated latents: the grid
+    positions off the data axis over the enumerated states, times the value's event."""
+    shape = _log_prob_shape(site)
+    states = 1
+    for dim, name in site["infer"]["dim_to_name"].items():
+        if name in enumerated:
+            states *= shape[dim]
+    positions = int(np.prod(grid, dtype=int)) // grid[data_axis] // states
+    value = np.shape(site["value"])
+    event = value[len(value) - site["fn"].event_dim :] if site["fn"].event_dim else ()
+    reinterpreted = len(grid) - len(shape)
+    return float(positions * int(np.prod(event[reinterpreted:], dtype=int)))
 
 
 def _decode(arr_id, arr_a, grid, role_event, base, ids, rand_a, reparam=None):
