@@ -10,6 +10,7 @@ table and plots. ArviZ, pandas and matplotlib are imported on first use.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +24,12 @@ from numpyro.distributions import Distribution, ImproperUniform
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer import MCMC, NUTS
 from numpyro.primitives import Messenger
+from scipy.optimize import linear_sum_assignment
 
 from numpyro_onlineem.arviz_io import draws_to_inference_data, import_optional
 from numpyro_onlineem.labels import (
     component_axes,
+    component_costs,
     match_components,
     permute_components,
     trace_sites,
@@ -60,9 +63,10 @@ class NUTSComparison:
     mcmc : numpyro.infer.MCMC
         The NUTS run, as sampled (not relabelled).
     permutation : dict[str, Array]
-        For each enumerated latent whose states index estimated sites, an int array of
+        For each enumerated latent whose states index sites NUTS sampled, an int array of
         shape ``(num_chains, K)``: ``permutation[z][c, k]`` is the component of chain
-        ``c`` that was relabelled ``k``, the online estimate's component ``k``.
+        ``c`` that was relabelled ``k``, the online estimate's component ``k`` (the
+        identity when a held ``numpyro.param`` fixes the labels).
     component_sites : dict[str, dict[str, int]]
         For each enumerated latent, the axis of each site its states index (those the
         permutation was applied to).
@@ -241,8 +245,10 @@ def compare_with_nuts(
     - Component labels: for each enumerated latent, `component_axes` finds the axes of
       the sites its states index; each chain's components are matched to the online
       ones (`match_components`, Hungarian on the posterior means in posterior-sd units)
-      and relabelled on every such site. When a site held fixed is indexed by the
-      latent, the labels are already pinned to the online ones and nothing is permuted.
+      and relabelled on every such site. When a ``numpyro.param`` held at the online
+      estimate is indexed by the latent, it fixes the labels (NUTS cannot permute it):
+      nothing is permuted, and a chain whose sampled components sit in another order
+      (another mode of the posterior given the held values) is reported by a warning.
 
     Parameters
     ----------
@@ -345,15 +351,17 @@ def compare_with_nuts(
         axes = align
     permutation = {}
     for latent, sites in axes.items():
-        if not sites:
+        drawn = {name: axis for name, axis in sites.items() if name in draws}
+        if not drawn:
             continue
-        k = estimate[next(iter(sites))].shape[sites[next(iter(sites))]]
-        if any(name not in draws for name in sites):  # pinned by a site held fixed
-            perm = np.tile(np.arange(k), (num_chains, 1))
+        held = [name for name in sites if name not in draws]
+        if held:  # the held sites fix the labels: NUTS cannot permute them
+            _check_same_mode(latent, estimate, draws, drawn, held)
+            k = estimate[held[0]].shape[sites[held[0]]]
+            permutation[latent] = np.tile(np.arange(k), (num_chains, 1))
         else:
-            perm = match_components(estimate, draws, sites)
-        draws = permute_components(draws, sites, perm)
-        permutation[latent] = perm
+            permutation[latent] = match_components(estimate, draws, drawn)
+            draws = permute_components(draws, drawn, permutation[latent])
 
     nuts = az.from_numpyro(mcmc, log_likelihood=False)
     for name, value in draws.items():
@@ -468,7 +476,7 @@ def _subsampling_plates(trace) -> dict[str, tuple[int, int]]:
 def _check_nuts_model(model, estimate, args, kwargs, priors) -> set[str]:
     """The latent sites NUTS will sample; errors for what NUTS cannot run. (The model
     is traced at the estimates: nothing but the discrete latents is drawn.)"""
-    at_estimate = handlers.substitute(model, data=estimate)
+    at_estimate = handlers.substitute(model, data=_as_jax(estimate))
     trace = handlers.trace(handlers.seed(at_estimate, rng_seed=0)).get_trace(*args, **kwargs)
     sampled = set()
     for name, site in trace.items():
@@ -531,6 +539,38 @@ def _check_align(align, estimate):
             )
 
 
+#: Mean squared standardised distance above which a chain is not near the online fit.
+OTHER_MODE_COST = 16.0
+
+
+def _check_same_mode(latent, estimate, draws, sampled, held):
+    """Warn when a chain sampled the components of a latent with held sites in another
+    order than the online fit: another mode of the posterior given the held values."""
+    costs = component_costs(estimate, draws, sampled)
+    for c, cost in enumerate(costs):
+        k = len(cost)
+        rows, cols = linear_sum_assignment(cost)
+        best = cols[np.argsort(rows)]
+        if (best != np.arange(k)).any() and np.trace(cost) / k > OTHER_MODE_COST:
+            warnings.warn(
+                f"compare_with_nuts: chain {c} of NUTS sampled the components of "
+                f"{sorted(sampled)} in another order than the online fit (its components "
+                f"{best.tolist()} are the online {', '.join(map(str, range(k)))}), while "
+                f"{held} are held at the online estimate in its order: that is another mode "
+                "of the posterior given the held values, so the table compares different "
+                "modes. Start NUTS at the online estimate (nuts_kwargs={'init_strategy': "
+                "init_to_value(values=em.get_params(state))}) or give the held sites "
+                "priors (param_priors).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _as_jax(values: dict) -> dict:
+    """JAX arrays for substitution: the model may index them with traced latents."""
+    return {name: jnp.asarray(value) for name, value in values.items()}
+
+
 def _is_improper(fn) -> bool:
     while not isinstance(fn, ImproperUniform) and hasattr(fn, "base_dist"):
         fn = fn.base_dist
@@ -569,7 +609,8 @@ class _FullDataPlates(Messenger):
 def _nuts_model(model, fixed, priors, subsample):
     """The model as NUTS runs it: discrete latents marked for enumeration, param sites
     held fixed or lifted to their priors, subsampling plates over the points given."""
-    model = config_enumerate(handlers.substitute(handlers.lift(model, prior=priors), data=fixed))
+    lifted = handlers.lift(model, prior=priors)
+    model = config_enumerate(handlers.substitute(lifted, data=_as_jax(fixed)))
     if subsample == "raise":
         return model
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, enum
@@ -111,6 +112,7 @@ def component_axes(
 
 def trace_sites(model: Callable, params: dict, args: tuple, kwargs: dict) -> dict:
     """One plain trace of the model (no enumeration) with ``params`` substituted."""
+    params = {name: jnp.asarray(value) for name, value in params.items()}
     seeded = handlers.seed(handlers.substitute(model, data=params), rng_seed=0)
     return handlers.trace(seeded).get_trace(*args, **kwargs)
 
@@ -122,6 +124,7 @@ def _factor_function(model, params, plain, args, kwargs):
     first_dim = min(plate_dims, default=0) - 1
 
     def run(values):
+        values = {name: jnp.asarray(value) for name, value in values.items()}
         seeded = handlers.seed(handlers.substitute(model, data=values), rng_seed=0)
         with enum_trace() as tr, enum(first_available_dim=first_dim):
             config_enumerate(seeded)(*args, **kwargs)
@@ -198,7 +201,7 @@ def _generic(value, support, rng):
     """A random value of the support near ``value``, in unconstrained space, so that no
     two components tie."""
     transform = biject_to(support)
-    u = np.asarray(transform.inv(value))
+    u = np.clip(np.nan_to_num(np.asarray(transform.inv(value))), -30.0, 30.0)  # a 0 weight
     u = u + 0.1 * rng.standard_normal(u.shape)
     return np.asarray(transform(u.astype(value.dtype)), value.dtype)
 
@@ -230,21 +233,17 @@ def _same(a: dict, b: dict) -> bool:
 
 
 # ------------------------------------------------------------------- alignment
-def match_components(
+def component_costs(
     estimate: dict[str, np.ndarray], draws: dict[str, np.ndarray], sites: dict[str, int]
 ) -> np.ndarray:
-    r"""Hungarian match of each chain's components to the estimate's.
-
-    The cost of giving chain ``c``'s component ``j`` the label ``k`` is the squared
-    distance of the estimate's component ``k`` to the chain's posterior mean of component
-    ``j``, over every element of every site in ``sites``, each in units of the chain's
-    posterior sd of that element (averaged over components):
+    r"""The cost of giving each chain's component ``j`` the estimate's label ``k``: the
+    squared distance of the estimate's component ``k`` to the chain's posterior mean of
+    component ``j``, in units of the chain's posterior variance $v_{s,e}$ of each element
+    (averaged over components), averaged over every element ``e`` of every site ``s``:
 
     $$
-    C_{kj} = \sum_{s, e} (\hat\theta_{s,k,e} - \bar\theta_{s,j,e})^2 / v_{s,e},
+    C_{kj} = \operatorname{mean}_{s, e}\, (\hat\theta_{s,k,e} - \bar\theta_{s,j,e})^2 / v_{s,e}.
     $$
-
-    minimised over permutations by ``scipy.optimize.linear_sum_assignment``.
 
     Parameters
     ----------
@@ -254,7 +253,39 @@ def match_components(
         Draws by site, shape ``(chains, draws) + site_shape``.
     sites : dict[str, int]
         The axis of each site indexed by the latent's ``K`` states (`component_axes`);
-        sites missing from ``draws`` are ignored.
+        every site must have draws.
+
+    Returns
+    -------
+    Array, shape (chains, K, K)
+        ``C[c, k, j]``, a mean squared standardised distance (about 1 for a chain whose
+        component ``j`` is the estimate's ``k``).
+    """
+    if not sites:
+        raise ValueError("component_costs: no sites to match on.")
+    costs, count = 0.0, 0
+    for name, axis in sites.items():
+        est = np.moveaxis(np.asarray(estimate[name], np.float64), axis, 0)
+        chains = np.moveaxis(np.asarray(draws[name], np.float64), axis + 2, 2)
+        num_chains, num_draws, k = chains.shape[:3]
+        est, chains = est.reshape(k, -1), chains.reshape(num_chains, num_draws, k, -1)
+        mean, var = chains.mean(1), chains.var(1).mean(1, keepdims=True)  # (c, K, e), (c, 1, e)
+        var = var + 1e-12 * max(float(var.max()), 1e-300)
+        costs = costs + (((est[None, :, None, :] - mean[:, None]) ** 2) / var[:, None]).sum(-1)
+        count += est.shape[1]
+    return costs / count
+
+
+def match_components(
+    estimate: dict[str, np.ndarray], draws: dict[str, np.ndarray], sites: dict[str, int]
+) -> np.ndarray:
+    """Hungarian match of each chain's components to the estimate's: the permutation of
+    least total `component_costs`, by ``scipy.optimize.linear_sum_assignment``.
+
+    Parameters
+    ----------
+    estimate, draws, sites
+        As for `component_costs`.
 
     Returns
     -------
@@ -262,22 +293,8 @@ def match_components(
         ``perm[c, k]``: the component of chain ``c`` that corresponds to the estimate's
         component ``k`` (`permute_components` applies it).
     """
-    names = [name for name in sites if name in draws]
-    if not names:
-        raise ValueError("match_components: none of the sites has draws to match.")
-    num_chains = np.shape(draws[names[0]])[0]
     perms = []
-    for c in range(num_chains):
-        cost = 0.0
-        for name in names:
-            axis = sites[name]
-            est = np.moveaxis(np.asarray(estimate[name], np.float64), axis, 0)
-            chain = np.moveaxis(np.asarray(draws[name][c], np.float64), axis + 1, 1)
-            k = est.shape[0]
-            est, chain = est.reshape(k, -1), chain.reshape(chain.shape[0], k, -1)
-            mean, var = chain.mean(0), chain.var(0).mean(0)
-            var = var + 1e-12 * max(float(var.max()), 1e-300)
-            cost = cost + (((est[:, None, :] - mean[None, :, :]) ** 2) / var).sum(-1)
+    for cost in component_costs(estimate, draws, sites):
         rows, cols = linear_sum_assignment(cost)
         perms.append(cols[np.argsort(rows)])
     return np.stack(perms)
