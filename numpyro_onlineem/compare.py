@@ -26,6 +26,7 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.primitives import Messenger
 from scipy.optimize import linear_sum_assignment
 
+from numpyro_onlineem import plots
 from numpyro_onlineem.arviz_io import draws_to_inference_data, import_optional
 from numpyro_onlineem.labels import (
     component_axes,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SUBSAMPLE_MODES = ("raise", "data", "scaled")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class NUTSComparison:
     r"""What `compare_with_nuts` returns.
 
@@ -58,8 +59,9 @@ class NUTSComparison:
     online : arviz.InferenceData
         The online estimate, one chain of one draw (`to_inference_data`).
     nuts : arviz.InferenceData
-        The NUTS fit (``az.from_numpyro``), its posterior relabelled to the online
-        estimate's components.
+        The NUTS fit (``az.from_numpyro``, without a ``log_likelihood`` group: NumPyro
+        would compute it at sampled, not summed-out, discrete latents), its posterior
+        relabelled to the online estimate's components.
     mcmc : numpyro.infer.MCMC
         The NUTS run, as sampled (not relabelled).
     permutation : dict[str, Array]
@@ -113,89 +115,38 @@ class NUTSComparison:
         return files
 
     def plot_posterior(self, path: str | Path, dpi: int = 80, max_panels: int = 60) -> Path:
-        """NUTS posterior density of every element in the table (``az.plot_posterior``,
-        with its HDI), the online estimate marked as the reference value: the vertical
-        line, with the posterior mass on either side of it. Beyond ``max_panels``
-        elements ArviZ plots the first ones and warns."""
-        az, plt = import_optional("arviz"), import_optional("matplotlib.pyplot")
-        ref_val = {
-            name: [
-                {**_selection(self.nuts, name, index), "ref_val": float(value)}
-                for index, value in np.ndenumerate(_online_value(self.online, name))
-            ]
-            for name in self._sites
-        }
-        panels = min(len(self.table), max_panels)
-        with az.rc_context({"plot.max_subplots": panels}):
-            axes = az.plot_posterior(
-                self.nuts,
-                var_names=self._sites,
-                hdi_prob=self.hdi_prob,
-                ref_val=ref_val,
-                textsize=9,
-                figsize=_grid_size(panels),
-            )
-        figure = np.ravel(axes)[0].figure
-        figure.suptitle("NUTS posterior; online estimate: vertical line", fontsize=12)
-        figure.set_layout_engine("constrained")
-        return _save(plt, figure, path, dpi)
+        """NUTS posterior density of every element in the table, the online estimate
+        marked (`numpyro_onlineem.plots.plot_posterior`)."""
+        return plots.plot_posterior(self, path, dpi=dpi, max_panels=max_panels)
 
     def plot_forest(self, path: str | Path, dpi: int = 80) -> Path:
-        """Forest plot of both fits (``az.plot_forest``), one panel per site so that each
-        has its own scale: for NUTS the mean and the HDI, for the online fit its estimate,
-        element by element."""
-        az, plt = import_optional("arviz"), import_optional("matplotlib.pyplot")
-        sites = self._sites
-        sizes = [int(np.prod(self.nuts.posterior[name].shape[2:])) for name in sites]
-        figure, axes = plt.subplots(
-            len(sites),
-            1,
-            figsize=(6, 0.9 * len(sites) + 0.4 * sum(sizes)),
-            gridspec_kw={"height_ratios": [1 + s for s in sizes]},
-            squeeze=False,
-        )
-        for name, ax in zip(sites, axes[:, 0], strict=True):
-            az.plot_forest(
-                [self.nuts, self.online],
-                model_names=["NUTS", "online EM"],
-                var_names=[name],
-                combined=True,
-                hdi_prob=self.hdi_prob,
-                legend=False,
-                textsize=10,
-                ax=ax,
-            )
-            ax.set_title(name, fontsize=11)
-        figure.suptitle(f"NUTS mean and {self.hdi_prob:.0%} HDI; online estimate", fontsize=11)
-        figure.tight_layout()
-        return _save(plt, figure, path, dpi)
+        """Forest plot of both fits, one panel per site
+        (`numpyro_onlineem.plots.plot_forest`)."""
+        return plots.plot_forest(self, path, dpi=dpi)
 
     def plot_loss(self, path: str | Path, dpi: int = 80) -> Path:
-        """The online loss (negative log-likelihood per point of each batch, before its
-        update) over the stream, with its running mean over 1 % of the updates."""
-        plt = import_optional("matplotlib.pyplot")
+        """The online loss over the stream (`numpyro_onlineem.plots.plot_loss`); needs
+        ``losses``."""
         if self.losses is None:
             raise ValueError(
                 "NUTSComparison.plot_loss: no losses; pass losses=result.losses (from "
                 "OnlineEM.run) to compare_with_nuts."
             )
-        losses = np.asarray(self.losses, np.float64)
-        figure, ax = plt.subplots(figsize=(6, 3.5))
-        steps = np.arange(1, len(losses) + 1)
-        ax.plot(steps, losses, lw=0.5, alpha=0.5, label="batch")
-        width = max(1, len(losses) // 100)
-        if width > 1:
-            smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
-            ax.plot(steps[width - 1 :], smooth, lw=1.5, label=f"mean of {width}")
-        ax.set_xscale("log")
-        ax.set_xlabel("update")
-        ax.set_ylabel("loss (nats per point)")
-        ax.set_title("Online EM over the stream")
-        ax.legend()
-        return _save(plt, figure, path, dpi)
+        return plots.plot_loss(self.losses, path, dpi=dpi)
+
+    def __repr__(self) -> str:
+        inside, rows = int(self.table["inside_hdi"].sum()), len(self.table)
+        online = "" if self.online_seconds is None else f", online {self.online_seconds:.1f} s"
+        return (
+            f"NUTSComparison({inside} of {rows} estimates inside the "
+            f"{self.hdi_prob:.0%} HDI, max |z| {self.table['z'].abs().max():.2f}; "
+            f"NUTS {self.nuts_seconds:.1f} s{online}; permutation "
+            f"{ {k: v.tolist() for k, v in self.permutation.items()} })"
+        )
 
     @property
-    def _sites(self) -> list[str]:
+    def sites(self) -> list[str]:
+        """The sites in the table, in model order."""
         return list(dict.fromkeys(label.split("[")[0] for label in self.table.index))
 
 
@@ -345,23 +296,9 @@ def compare_with_nuts(
 
     if align is True:
         axes = component_axes(em.model, estimate, *args, **kwargs)
-    elif align is False:
-        axes = {}
     else:
-        axes = align
-    permutation = {}
-    for latent, sites in axes.items():
-        drawn = {name: axis for name, axis in sites.items() if name in draws}
-        if not drawn:
-            continue
-        held = [name for name in sites if name not in draws]
-        if held:  # the held sites fix the labels: NUTS cannot permute them
-            _check_same_mode(latent, estimate, draws, drawn, held)
-            k = estimate[held[0]].shape[sites[held[0]]]
-            permutation[latent] = np.tile(np.arange(k), (num_chains, 1))
-        else:
-            permutation[latent] = match_components(estimate, draws, drawn)
-            draws = permute_components(draws, drawn, permutation[latent])
+        axes = align or {}
+    draws, permutation = _align_labels(axes, estimate, draws)
 
     nuts = az.from_numpyro(mcmc, log_likelihood=False)
     for name, value in draws.items():
@@ -539,6 +476,26 @@ def _check_align(align, estimate):
             )
 
 
+def _align_labels(axes, estimate, draws):
+    """Relabel the draws of each latent's sampled sites to the online components; a
+    latent with a held site keeps its labels (the held values fix them)."""
+    permutation = {}
+    for latent, sites in axes.items():
+        drawn = {name: axis for name, axis in sites.items() if name in draws}
+        if not drawn:
+            continue
+        held = [name for name in sites if name not in draws]
+        if held:  # NUTS cannot permute the held sites
+            _check_same_mode(latent, estimate, draws, drawn, held)
+            k = estimate[held[0]].shape[sites[held[0]]]
+            num_chains = next(iter(draws.values())).shape[0]
+            permutation[latent] = np.tile(np.arange(k), (num_chains, 1))
+        else:
+            permutation[latent] = match_components(estimate, draws, drawn)
+            draws = permute_components(draws, drawn, permutation[latent])
+    return draws, permutation
+
+
 #: Mean squared standardised distance above which a chain is not near the online fit.
 OTHER_MODE_COST = 16.0
 
@@ -562,7 +519,7 @@ def _check_same_mode(latent, estimate, draws, sampled, held):
                 "init_to_value(values=em.get_params(state))}) or give the held sites "
                 "priors (param_priors).",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
 
@@ -663,26 +620,3 @@ def _labels(idata, sites) -> list[str]:
 
 def _flatten(ds, sites) -> np.ndarray:
     return np.concatenate([np.ravel(ds[name].values) for name in sites])
-
-
-# ---------------------------------------------------------------------- plots
-def _selection(idata, name, index) -> dict:
-    dims = idata.posterior[name].dims[2:]
-    return {dim: idata.posterior[name][dim].values[i] for dim, i in zip(dims, index, strict=True)}
-
-
-def _online_value(idata, name) -> np.ndarray:
-    return np.asarray(idata.posterior[name].values[0, 0])
-
-
-def _grid_size(n: int) -> tuple[float, float]:
-    cols = min(n, 3)
-    rows = -(-n // cols)
-    return (3.6 * cols, 2.9 * rows + 0.6)
-
-
-def _save(plt, figure, path, dpi) -> Path:
-    path = Path(path)
-    figure.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
-    return path

@@ -87,6 +87,11 @@ def component_axes(
         raise ValueError(
             f"component_axes: {unknown} are not sites of the model (its sites: {sorted(plain)})."
         )
+    if not any(
+        site["type"] == "sample" and not site["is_observed"] and site["fn"].support.is_discrete
+        for site in plain.values()
+    ):
+        return {}
     probe = {name: _generic(value, _support(plain[name]), rng) for name, value in params.items()}
     factors, latents = _factor_function(model, params, plain, args, kwargs)
     base = factors(probe)
