@@ -76,8 +76,22 @@ def to_inference_data(em: Any, state: Any) -> az.InferenceData:
 
 
 def draws_to_inference_data(draws: dict[str, Any], estimate: str = "draws") -> az.InferenceData:
-    """``{site: array of shape (chains, draws) + site_shape}`` as the ``posterior`` group of
-    an ``InferenceData`` (``az.from_dict``), with ``estimate`` recorded in its attributes."""
+    """Draws of each site as the ``posterior`` group of an ``InferenceData``
+    (``az.from_dict``).
+
+    Parameters
+    ----------
+    draws : dict[str, Array]
+        ``{site: array of shape (chains, draws) + site_shape}``.
+    estimate : str
+        What the draws are (``"point"``: one draw of a point estimate), recorded in the
+        group's attributes.
+
+    Returns
+    -------
+    arviz.InferenceData
+        Dims ``(chain, draw, <site>_dim_0, ...)``.
+    """
     from numpyro_onlineem import __version__
 
     az = import_optional("arviz")

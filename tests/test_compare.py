@@ -25,6 +25,7 @@ from numpyro.infer.util import log_density
 from scipy import optimize, stats
 
 from numpyro_onlineem import OnlineEM, compare_with_nuts, to_inference_data
+from numpyro_onlineem.arviz_io import draws_to_inference_data
 from numpyro_onlineem.compare import _check_same_mode, _nuts_model
 from numpyro_onlineem.labels import component_axes, match_components, permute_components
 
@@ -419,7 +420,15 @@ def test_to_inference_data_round_trip(fit):
         assert var.shape == (1, 1) + value.shape
         np.testing.assert_array_equal(var.values[0, 0], np.asarray(value))
     assert idata.posterior.attrs["estimate"] == "point"
+    # draws (a posterior, later) come through the same conversion, with their chains
+    draws = np.random.default_rng(0).normal(size=(2, 5, 3, 2))
+    idata = draws_to_inference_data({"locs": draws}, estimate="draws")
+    np.testing.assert_array_equal(idata.posterior["locs"].values, draws)
+    assert idata.posterior["locs"].dims == ("chain", "draw", "locs_dim_0", "locs_dim_1")
+    with pytest.raises(ValueError, match=r"leading \(chain, draw\) axes; got \{'w': \(3,\)\}"):
+        draws_to_inference_data({"w": np.ones(3)})
     # the comparison's online fit is the same conversion
+    idata = to_inference_data(em, state)
     for name in params:
         np.testing.assert_array_equal(
             fit["result"].online.posterior[name].values, idata.posterior[name].values
