@@ -1,6 +1,7 @@
 """Every script in ``examples/`` runs with tiny arguments, and what it returns is right."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,31 @@ def check_streaming_gmm(module, result, out):
         assert row in out
 
 
+def check_compare_with_nuts(module, result, out):
+    comparison, truth = result["comparison"], result["truth"]
+    table, k = comparison.table, len(truth["weights"])
+    assert len(table) == k + 2 * truth["locs"].size
+    # aligned, each online estimate is within 4 NUTS posterior sd of the NUTS mean (a
+    # component left with another's label would be tens of sd away)
+    assert (table["z"].abs() < 4).all(), table
+    # after alignment, NUTS's component k and the online component k are nearest to the
+    # same true component, for every chain
+    nearest = lambda locs: np.argmin(
+        np.linalg.norm(locs[:, None] - truth["locs"][None], axis=-1), axis=1
+    )
+    online = nearest(comparison.online.posterior["locs"].values[0, 0])
+    assert sorted(online) == list(range(k))
+    for chain in comparison.nuts.posterior["locs"].values:
+        np.testing.assert_array_equal(nearest(chain.mean(0)), online)
+    assert sorted(comparison.permutation["z"][0]) == list(range(k))
+    assert comparison.online_seconds > 0 and comparison.nuts_seconds > 0
+    assert len(comparison.losses) == 19  # 20 batches of 240: one init, 19 updates
+    for path in result["plots"].values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shutil.rmtree(next(iter(result["plots"].values())).parent)
+    assert "online estimates inside the NUTS 94% HDI" in out
+
+
 # name -> (tiny command-line arguments, check of main's result and printed output)
 EXAMPLES = {
     "streaming_gmm": (
@@ -39,6 +65,13 @@ EXAMPLES = {
         "--num-points 1700 --init-points 300 --dim 8 --components 3 --test-points 500 "
         "--no-progress".split(),
         check_streaming_gmm,
+    ),
+    "compare_with_nuts": (
+        # 4,800 points online, NUTS on 240 of them (shapes of tests/test_compare.py's
+        # mixture, whose compiled operations it reuses when both run)
+        "--num-points 4800 --batch-size 240 --nuts-points 240 --num-warmup 200 "
+        "--num-samples 300 --num-chains 1 --no-progress".split(),
+        check_compare_with_nuts,
     ),
 }
 
