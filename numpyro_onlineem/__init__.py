@@ -8,8 +8,8 @@ dependencies (ArviZ, pandas, matplotlib: ``pip install "numpyro-onlineem[compare
 from typing import TYPE_CHECKING
 
 from numpyro_onlineem.api import OnlineEM
+from numpyro_onlineem.families import Family, MStepInputs, MStepOptions, register_family
 from numpyro_onlineem.initialization import kmeans_pp
-from numpyro_onlineem.mstep.expfam import MStepOptions
 from numpyro_onlineem.mstep.plan import UnsupportedModelError
 from numpyro_onlineem.schedules import constant, robbins_monro
 from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState, UpdateInfo
@@ -40,6 +40,8 @@ def __dir__():
 
 
 __all__ = [
+    "Family",
+    "MStepInputs",
     "MStepOptions",
     "NUTSComparison",
     "OnlineEM",
@@ -50,6 +52,7 @@ __all__ = [
     "compare_with_nuts",
     "constant",
     "kmeans_pp",
+    "register_family",
     "robbins_monro",
     "to_inference_data",
 ]

@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from numpyro_onlineem.estep.enumerate import e_step, num_data
+from numpyro_onlineem.estep.enumerate import num_data
+from numpyro_onlineem.families import MStepOptions
 from numpyro_onlineem.model import (
     ModelSites,
     all_indices,
@@ -30,8 +30,9 @@ from numpyro_onlineem.model import (
     enum_trace,
     random_indices,
 )
-from numpyro_onlineem.mstep.expfam import PRIOR_HYPERPARAMETERS, MStepOptions, segment_sum, unwrap
-from numpyro_onlineem.mstep.plan import Plan, site_grid
+from numpyro_onlineem.mstep.base import EStepBatch, MStepContext
+from numpyro_onlineem.mstep.plan import Plan
+from numpyro_onlineem.mstep.sites import site_grid
 from numpyro_onlineem.schedules import Schedule, default_polyak_start, robbins_monro
 from numpyro_onlineem.state import OnlineEMState, UpdateInfo
 
@@ -112,22 +113,14 @@ class BatchStatistics(NamedTuple):
     loglik : Array, shape (batch,)
         $\log p(x_i \mid \theta)$.
     stats : dict
-        Site -> statistic -> array of shape ``(num_cells, ...)``: the batch mean of the
-        expected sufficient statistics (about the reference points ``shifts``).
-    batch_size, total_size : int, float
-        Points in the batch, and in the data plate (``N`` of a subsampled plate).
-    trace : OrderedDict
-        The enumerated trace (the M step reads the priors' hyperparameters from it).
-    shifts : dict
-        The reference points used (`data_shifts`).
+        M step name -> its statistics of the batch (`MStep.statistics`).
+    estep : EStepBatch
+        The E step's result, for the M steps' updates.
     """
 
     loglik: jax.Array
     stats: dict
-    batch_size: int
-    total_size: float
-    trace: OrderedDict
-    shifts: dict
+    estep: EStepBatch
 
 
 def batch_statistics(
@@ -139,117 +132,18 @@ def batch_statistics(
     kwargs: dict,
     indices=batch_indices,
 ) -> BatchStatistics:
-    """E step on one batch, with statistics about ``shifts`` (``None``: about this
-    batch's own `data_shifts`, as at ``init``), the data plate's subsample drawn by
-    ``indices`` (see `numpyro_onlineem.model.enum_trace`)."""
+    """E step on one batch, then every M step's statistics, about ``shifts`` (``None``:
+    about this batch's own `data_shifts`, as at ``init``), the data plate's subsample
+    drawn by ``indices`` (see `numpyro_onlineem.model.enum_trace`)."""
     sites = plan.model_sites
     trace = enum_trace(config.model, sites, params, args, kwargs, indices)
     if shifts is None:
         shifts = data_shifts(plan, trace)
-    res = e_step(trace, sites, shifts)
+    res = plan.estep(trace, sites, shifts)
     batch_size, total_size = num_data(trace, sites)
-    stats = {}
-    for sp in plan.sites:
-        site = trace[sp.site]
-        grid, base = site_grid(site)
-        fam = sp.family
-        nd = len(grid)
-        w = res.weights[sp.site]
-        w = w.reshape(w.shape + (1,) * (nd - w.ndim))
-        value = _align(site["value"], nd + fam.value_event_ndim)
-        if sp.site in shifts:
-            # the point the E step's Gaussian forms are centred on, too
-            value = value.astype(jnp.result_type(float)) - shifts[sp.site]
-        consts = {}
-        for role, (_, arr) in fam.roles(base).items():
-            if role not in sp.learned:
-                consts[role] = _align(arr, nd + fam.role_event_ndim[role])
-        moved = [jnp.moveaxis(a, sp.data_axis, 0) for a in (w, value)]
-        consts = {k: jnp.moveaxis(v, sp.data_axis, 0) for k, v in consts.items()}
-        raw = fam.suff_stats(moved[1], moved[0], consts, base)
-        out = {k: _to_cells(v, sp, grid, v.shape[nd - 1 :]) / batch_size for k, v in raw.items()}
-        stats[sp.site] = out
-    return BatchStatistics(res.loglik, stats, batch_size, total_size, trace, shifts)
-
-
-def _to_cells(v: jax.Array, sp, grid: tuple, event: tuple) -> jax.Array:
-    """Sum an array over the grid positions off the data axis into cells:
-    ``(num_cells, *event)``."""
-    rest = grid[: sp.data_axis] + grid[sp.data_axis + 1 :]
-    v = jnp.broadcast_to(v, rest + event).reshape((-1,) + event)
-    if sp.cell_ids is not None:
-        v = segment_sum(v, sp.cell_ids, sp.num_cells)
-    return v
-
-
-def _cell_shift(shift: jax.Array, sp, grid: tuple, event_ndim: int) -> jax.Array:
-    """The reference point of every cell, ``(num_cells, *value_event)``, from a site's
-    shift (constant within each cell by construction)."""
-    shift = jnp.moveaxis(shift, sp.data_axis, 0)[0]
-    event = tuple(shift.shape[shift.ndim - event_ndim :]) if event_ndim else ()
-    total = _to_cells(shift, sp, grid, event)
-    if sp.cell_ids is None:
-        return total
-    counts = np.bincount(sp.cell_ids, minlength=sp.num_cells).astype(float)
-    return total / counts.reshape((-1,) + (1,) * event_ndim)
-
-
-def _prior_blocks(fn, shape: tuple, role_event: tuple) -> dict:
-    """Hyperparameters of a prior, broadcast over the estimated site's shape and cut into
-    its parameter blocks: ``{name: (num_blocks, *role_event)}`` or ``(num_blocks,)``."""
-    base = unwrap(fn)
-    batch = shape[: len(shape) - len(role_event)]
-    out = {}
-    for key, full in PRIOR_HYPERPARAMETERS[type(base)].items():
-        value = jnp.asarray(getattr(base, key))
-        if full:
-            out[key] = jnp.broadcast_to(value, shape).reshape((-1,) + tuple(role_event))
-        else:
-            out[key] = jnp.broadcast_to(value, batch).reshape(-1)
-    return out
-
-
-def damped(proposal: jax.Array, current: jax.Array, points: jax.Array, nu: float) -> jax.Array:
-    r"""The damped M step of a parameter block whose statistics rest on ``points``
-    effective points:
-
-    $$
-    \theta \leftarrow \theta + \frac{m}{m + \nu} (\bar\theta(\hat s) - \theta).
-    $$
-
-    The maximiser of the M step's objective plus a proximal term that holds $\theta$ with
-    the weight of $\nu$ points: a block seen through a handful of points (a small
-    component early in a stream of high-dimensional data) moves a little, one seen
-    through many moves all the way. A fixed point of EM is one of the damped step, and
-    a step toward the maximiser along the segment still increases the objective (it is
-    concave or unimodal along it in every registered family), so the damped step is a
-    generalized EM step. The constraints of every family are convex, so the damped value
-    keeps them. ``points``: ``(num_blocks,)``, ``inf`` under a prior (no damping).
-    """
-    if nu <= 0:
-        return proposal
-    rho = jnp.where(jnp.isinf(points), 1.0, points / (points + nu))
-    rho = rho.reshape(rho.shape + (1,) * (proposal.ndim - rho.ndim)).astype(proposal.dtype)
-    return current + rho * (proposal - current)
-
-
-def _finisher(projection, shape: tuple, current: jax.Array, scale: jax.Array, nu: float):
-    """The ``finish`` hook of one role (`Family.m_step`): the damped step toward the
-    proposal (``count * scale`` effective points per block), then the `Projection` of
-    the site's values, applied to parameter blocks ``(num_blocks, *role_event)`` with
-    per-block weights ``(num_blocks,)``."""
-
-    def apply(blocks, count, weights):
-        blocks = damped(blocks, current, count * scale, nu)
-        if projection is None:
-            return blocks
-        if weights is not None:
-            extra = (1,) * (blocks.ndim - weights.ndim)
-            weights = jnp.broadcast_to(weights.reshape(weights.shape + extra), blocks.shape)
-            weights = weights.reshape(shape)
-        return projection(blocks.reshape(shape), weights).reshape(blocks.shape)
-
-    return apply
+    batch = EStepBatch(trace, res.weights, shifts, batch_size, total_size)
+    stats = {m.name: m.statistics(batch) for m in plan.msteps}
+    return BatchStatistics(res.loglik, stats, batch)
 
 
 def m_step(
@@ -257,67 +151,17 @@ def m_step(
     plan: Plan,
     params: dict,
     stats: dict,
-    shifts: dict,
-    total_size: float,
-    trace,
+    mstep_states: dict,
+    batch: EStepBatch,
     effective_points: jax.Array | float = jnp.inf,
-):
-    """Closed-form M step of every planned site, from the running statistics (taken
-    about ``shifts``), damped (`damped`) by the ``effective_points`` behind them."""
-    new = dict(params)
-    for sp in plan.sites:
-        fam = sp.family
-        shift = None
-        if sp.site in shifts:
-            grid, _ = site_grid(trace[sp.site])
-            shift = _cell_shift(shifts[sp.site], sp, grid, fam.value_event_ndim)
-        maps = {role: fam.reparams[role][name] for role, name in sp.reparams.items()}
-        current, priors, events = {}, {}, {}
-        for role, pname in sp.learned.items():
-            shape = plan.model_sites.params[pname].shape
-            ev = fam.role_event_ndim[role]
-            events[role] = tuple(shape[len(shape) - ev :]) if ev else ()
-            value = params[pname]
-            if role in maps:
-                value = maps[role].forward(value)
-            current[role] = value.reshape((-1,) + events[role])
-            prior_site = sp.priors.get(role)
-            if prior_site is not None:
-                priors[role] = _prior_blocks(trace[prior_site]["fn"], shape, events[role])
-        groups = dict(sp.groups)  # static (NumPy) maps: identities are free
-        nu = config.damping
-        if nu is None:
-            nu = sp.component_points if config.schedule is None else 0.0
-        # block counts are N-scaled per-point averages: m = count / N * effective points
-        scale = effective_points / total_size
-        finish = {
-            role: _finisher(
-                sp.projections.get(role),
-                plan.model_sites.params[sp.learned[role]].shape,
-                current[role],
-                scale,
-                nu,
-            )
-            for role in sp.learned
-        }
-        out = fam.m_step(
-            stats[sp.site],
-            groups,
-            current,
-            priors,
-            total_size,
-            config.options,
-            dict(sp.attrs),
-            dict(sp.reparams),
-            shift,
-            finish,
-        )
-        for role, value in out.items():
-            pname = sp.learned[role]
-            if role in maps:
-                value = maps[role].inverse(value)
-            new[pname] = value.reshape(params[pname].shape).astype(params[pname].dtype)
-    return new
+) -> tuple[dict, dict]:
+    """Every M step of the plan, in order, from the running statistics ``stats``
+    (`MStep.update`): ``(params, mstep_states)``."""
+    context = MStepContext(config, batch, jnp.asarray(effective_points))
+    new_states = {}
+    for m in plan.msteps:
+        params, new_states[m.name] = m.update(stats[m.name], params, mstep_states[m.name], context)
+    return params, new_states
 
 
 def init_state(
@@ -333,11 +177,12 @@ def init_state(
     return OnlineEMState(
         params=params,
         stats=batch.stats,
-        shifts=batch.shifts,
+        mstep_states={m.name: m.init(params) for m in plan.msteps},
+        shifts=batch.estep.shifts,
         averaged=params,
         count=jnp.zeros((), jnp.int32),
-        num_seen=jnp.asarray(batch.batch_size, jnp.result_type(float)),
-        weight_sq=jnp.asarray(1.0 / batch.batch_size, jnp.result_type(float)),
+        num_seen=jnp.asarray(batch.estep.batch_size, jnp.result_type(float)),
+        weight_sq=jnp.asarray(1.0 / batch.estep.batch_size, jnp.result_type(float)),
         rng_key=rng_key,
         plan=plan,
     )
@@ -376,7 +221,7 @@ def update(
         rng_key, key = jax.random.split(rng_key)
         indices = random_indices(key)
     res = batch_statistics(config, plan, state.params, state.shifts, args, kwargs, indices)
-    batch, batch_size = res.stats, res.batch_size
+    batch, batch_size = res.stats, res.estep.batch_size
     loss = -jnp.mean(res.loglik)
     dtype = state.num_seen.dtype
     seen = state.num_seen + batch_size
@@ -390,7 +235,7 @@ def update(
     # have a finite loss and are caught apart. Otherwise the update is skipped: the
     # guard is folded into the elementwise updates (no branch, no extra pass over the
     # state).
-    in_support = observed_in_support(res.trace, plan.model_sites)
+    in_support = observed_in_support(res.estep.trace, plan.model_sites)
     finite = jnp.isfinite(loss) & in_support
     gamma = jnp.where(finite, gamma, 0.0)
     stats = jax.tree.map(
@@ -398,18 +243,13 @@ def update(
     )
     # every point of this batch weighs gamma / B in the new statistics
     weight_sq = (1.0 - gamma) ** 2 * state.weight_sq + gamma**2 / batch_size
-    proposed = m_step(
-        config,
-        plan,
-        state.params,
-        stats,
-        state.shifts,
-        res.total_size,
-        res.trace,
-        1.0 / weight_sq,
+    proposed, mstep_states = m_step(
+        config, plan, state.params, stats, state.mstep_states, res.estep, 1.0 / weight_sq
     )
     apply = finite & ~in_burn_in
-    params = jax.tree.map(lambda new, old: jnp.where(apply, new, old), proposed, state.params)
+    keep = lambda new, old: jnp.where(apply, new, old)
+    params = jax.tree.map(keep, proposed, state.params)
+    mstep_states = jax.tree.map(keep, mstep_states, state.mstep_states)
 
     polyak = config.polyak
     if polyak is None:
@@ -429,6 +269,7 @@ def update(
     new_state = OnlineEMState(
         params=params,
         stats=stats,
+        mstep_states=mstep_states,
         shifts=state.shifts,
         averaged=averaged,
         count=state.count + finite.astype(state.count.dtype),
@@ -462,21 +303,23 @@ def _whole_data(sites: ModelSites):
 
 
 def log_likelihood(
-    config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict, shifts=None
+    config: Config, plan: Plan, params: dict, args: tuple, kwargs: dict, shifts=None
 ) -> jax.Array:
     """Per-datum marginal log-likelihood $\\log p(x_i \\mid \\theta)$, shape (batch,)
     (Gaussian forms written about ``shifts``, see `data_shifts`); every point of a
     model that reads its data through the data plate's subsample."""
+    sites = plan.model_sites
     trace = enum_trace(config.model, sites, params, args, kwargs, _whole_data(sites))
-    return e_step(trace, sites, shifts).loglik
+    return plan.estep(trace, sites, shifts).loglik
 
 
 def marginals(
-    config: Config, sites: ModelSites, params: dict, args: tuple, kwargs: dict, shifts=None
+    config: Config, plan: Plan, params: dict, args: tuple, kwargs: dict, shifts=None
 ) -> dict:
     """Posterior marginals of every enumerated site, each of shape ``(batch, K)``."""
+    sites = plan.model_sites
     trace = enum_trace(config.model, sites, params, args, kwargs, _whole_data(sites))
-    res = e_step(trace, sites, shifts)
+    res = plan.estep(trace, sites, shifts)
     out = {}
     for name in sites.enumerated:
         w = res.weights[name]

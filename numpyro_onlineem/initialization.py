@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import constraints
 
+from numpyro_onlineem.families import MStepOptions
 from numpyro_onlineem.mstep.constraints import base_constraint
-from numpyro_onlineem.mstep.expfam import MStepOptions
-from numpyro_onlineem.mstep.plan import Plan, site_grid
+from numpyro_onlineem.mstep.plan import Plan
+from numpyro_onlineem.mstep.sites import site_grid
 
 INIT_MODES = ("auto", "kmeans++", "model")
 

@@ -20,7 +20,12 @@ class OnlineEMState(NamedTuple):
     stats : dict[str, dict[str, Array]]
         Running averages $\hat s_n$ of the expected sufficient statistics per
         datum, keyed by observed or latent site, then by statistic; leading axis: cells.
-        Gaussian sites hold moments about ``shifts``.
+        Gaussian sites hold moments about ``shifts``. Keyed by M step
+        (`numpyro_onlineem.mstep.base.MStep.name`): a closed-form M step by the local
+        site whose statistics it keeps.
+    mstep_states : dict[str, Any]
+        Each M step's own state (`numpyro_onlineem.mstep.base.MStep.init`): ``()`` for
+        the closed form and fixed paths, an optimizer's state for a numerical one.
     shifts : dict[str, Array]
         Fixed reference points $c$ of the Gaussian sites' statistics: the init batch's
         mean per coordinate (statistics of $x - c$, so that float32 moments of data far
@@ -45,6 +50,7 @@ class OnlineEMState(NamedTuple):
 
     params: dict
     stats: dict
+    mstep_states: dict
     shifts: dict
     averaged: dict
     count: jax.Array

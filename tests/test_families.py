@@ -242,3 +242,120 @@ def test_covariance_forms_agree(rng, x64, form):
     else:
         np.testing.assert_allclose(states[0]["mats"], np.linalg.inv(covs), atol=1e-8)
     np.testing.assert_allclose(states[0]["locs"], states[1]["locs"], atol=1e-8)
+
+
+# ------------------------------------------------- a family added through the registry
+class Rayleigh(dist.Distribution):
+    r"""A user's own distribution: $p(x \mid \sigma) = x \sigma^{-2} e^{-x^2 / 2\sigma^2}$."""
+
+    arg_constraints = {"scale": constraints.positive}
+    support = constraints.positive
+    reparametrized_params = ["scale"]
+
+    def __init__(self, scale, validate_args=None):
+        self.scale = scale
+        super().__init__(batch_shape=jnp.shape(scale), validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        u = jax.random.uniform(key, sample_shape + self.batch_shape)
+        return self.scale * jnp.sqrt(-2.0 * jnp.log1p(-u))
+
+    def log_prob(self, value):
+        return jnp.log(value) - 2.0 * jnp.log(self.scale) - 0.5 * (value / self.scale) ** 2
+
+
+def _rayleigh_family():
+    from numpyro_onlineem import Family
+    from numpyro_onlineem.families import contract_data, finish_role, segment_sum
+
+    class RayleighFamily(Family):
+        r"""Statistics $n = \sum w$, $s_2 = \sum w x^2$; M step $\sigma^2 = s_2 / 2n$."""
+
+        name = "Rayleigh"
+        dist_types = (Rayleigh,)
+        role_event_ndim = {"scale": 0}
+        role_support = {"scale": constraints.positive}
+
+        def roles(self, base):
+            return {"scale": ("scale", base.scale)}
+
+        def suff_stats(self, value, weight, consts, base):
+            return {"n": contract_data(weight), "s2": contract_data(weight, value * value)}
+
+        def m_step(self, stats, inputs):
+            g, nb = inputs.groups["scale"]
+            n = segment_sum(inputs.num_data * stats["n"], g, nb)
+            s2 = segment_sum(inputs.num_data * stats["s2"], g, nb)
+            scale = jnp.sqrt(s2 / (2.0 * jnp.where(n > 0, n, 1.0)))
+            scale = jnp.where(n > inputs.options.min_count, scale, inputs.current["scale"])
+            return {"scale": finish_role(inputs.finish, "scale", scale, n)}
+
+    return RayleighFamily()
+
+
+@pytest.fixture
+def rayleigh_family():
+    from numpyro_onlineem import families, register_family
+
+    fam = register_family(_rayleigh_family())
+    yield fam
+    families._REGISTRY.remove(fam)
+
+
+def rayleigh_mixture(x, K=2):
+    weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+    scales = numpyro.param("scales", jnp.linspace(0.5, 3.0, K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("obs", Rayleigh(scales[z]), obs=x)
+
+
+def _rayleigh_ll(x, scales):
+    s = scales[None]
+    return np.log(x[:, None]) - 2 * np.log(s) - 0.5 * (x[:, None] / s) ** 2
+
+
+def _rayleigh_m_step(x, resp):
+    return np.sqrt((resp * x[:, None] ** 2).sum(0) / (2 * resp.sum(0)))
+
+
+def test_a_family_added_through_the_registry_is_fitted(rng, x64, rayleigh_family):
+    from numpyro_onlineem.mstep.plan import UnsupportedModelError
+
+    z = rng.choice(2, 3000, p=[0.35, 0.65])
+    x = np.array([1.0, 4.0])[z] * np.sqrt(-2 * np.log(rng.uniform(size=3000)))
+    # full-batch limit: the iterates of NumPy EM, to float64 precision
+    em = OnlineEM(rayleigh_mixture, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x)
+    assert em.mstep_paths(state)["scales"].startswith("closed form: Rayleigh scale")
+    for _ in range(10):
+        state, _ = em.update(state, x)
+    w, s = _numpy_em(
+        x, np.array([0.5, 0.5]), np.array([0.5, 3.0]), _rayleigh_ll, _rayleigh_m_step, 10
+    )
+    np.testing.assert_allclose(em.get_params(state)["weights"], w, rtol=1e-8)
+    np.testing.assert_allclose(em.get_params(state)["scales"], s, rtol=1e-8)
+    # online, one pass of single points with the defaults: NumPy EM's optimum
+    z = rng.choice(2, 20_000, p=[0.35, 0.65])
+    x_stream = np.array([1.0, 4.0])[z] * np.sqrt(-2 * np.log(rng.uniform(size=20_000)))
+    result = OnlineEM(rayleigh_mixture).run(
+        jax.random.PRNGKey(1), iter(x_stream), progress_bar=False
+    )
+    w_opt, s_opt = _numpy_em(x_stream, w, s, _rayleigh_ll, _rayleigh_m_step, 300)
+
+    def loglik(weights, scales):
+        logp = np.log(weights)[None] + _rayleigh_ll(x_stream, np.asarray(scales, float))
+        return logsumexp(logp, axis=1).mean()
+
+    params = result.params
+    assert loglik(params["weights"], params["scales"]) > loglik(w_opt, s_opt) - 0.002
+    np.testing.assert_allclose(params["scales"], s_opt, rtol=0.05)
+    # unregistered, the same model is refused with a message that lists the registry
+    from numpyro_onlineem import families
+
+    families._REGISTRY.remove(rayleigh_family)
+    try:
+        with pytest.raises(UnsupportedModelError, match="registered family.*Normal"):
+            OnlineEM(rayleigh_mixture).init(jax.random.PRNGKey(0), x[:100])
+    finally:
+        families._REGISTRY.insert(0, rayleigh_family)

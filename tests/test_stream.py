@@ -124,13 +124,13 @@ def test_progress_bar_counts_points_with_their_rate_and_total(rng, capsys):
 
 
 def test_chunk_length_does_not_change_the_fit(rng, monkeypatch):
-    from numpyro_onlineem import api
+    from numpyro_onlineem import runner
 
     x = rng.normal(size=(3_000, 2)).astype(np.float32)
     em = OnlineEM(gmm_diag, chunk_size=8)
     ref = em.run(jax.random.PRNGKey(0), x, batch_size=20, progress_bar=False)
     # every fused call "too slow": run shortens its chunks as it goes
-    monkeypatch.setattr(api._Runner, "SLOW_CHUNK_SECONDS", 0.0)
+    monkeypatch.setattr(runner._Runner, "SLOW_CHUNK_SECONDS", 0.0)
     short = em.run(jax.random.PRNGKey(0), x, batch_size=20, progress_bar=False)
     np.testing.assert_allclose(short.losses, ref.losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(short.state), jax.tree.leaves(ref.state), strict=True):

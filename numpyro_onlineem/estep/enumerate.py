@@ -20,6 +20,7 @@ import funsor
 import jax
 import jax.numpy as jnp
 
+from numpyro_onlineem.estep.base import EStepResult
 from numpyro_onlineem.estep.logprob import fast_log_prob
 from numpyro_onlineem.model import ModelSites, data_plate_frame
 
@@ -31,28 +32,6 @@ class Factor(NamedTuple):
 
     name: str
     dim_to_name: tuple  # ((dim, name), ...)
-
-
-class EStepResult(NamedTuple):
-    r"""What the E step returns for one batch.
-
-    Attributes
-    ----------
-    loglik : Array, shape (batch,)
-        $\log p(x_i \mid \theta)$ for each datum of the data plate.
-    weights : dict[str, Array]
-        For each local site, the posterior probability of every configuration of its
-        log-probability tensor (same shape as that tensor).
-    log_probs : dict[str, Array]
-        The log-probability tensors themselves.
-    trace : OrderedDict
-        The enumerated trace the factors came from.
-    """
-
-    loglik: jax.Array
-    weights: dict
-    log_probs: dict
-    trace: OrderedDict
 
 
 def local_log_probs(
@@ -181,3 +160,16 @@ def num_data(trace: OrderedDict, sites: ModelSites) -> tuple[int, float]:
     scale = site["scale"]
     total = size if scale is None else size * float(scale)
     return size, total
+
+
+class Enumerate(NamedTuple):
+    """The exact E step by enumeration (`e_step`), as the plan's `EStep`."""
+
+    @property
+    def name(self) -> str:
+        return "enumerate"
+
+    def __call__(
+        self, trace: OrderedDict, sites: ModelSites, centers: dict | None = None
+    ) -> EStepResult:
+        return e_step(trace, sites, centers)

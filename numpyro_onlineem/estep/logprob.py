@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from numpyro_onlineem.mstep.expfam import find_family, unwrap
+from numpyro_onlineem.families import find_family, unwrap
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # Above this dimension NumPyro's own MultivariateNormal.log_prob (one triangular solve

@@ -1,7 +1,7 @@
 """Choosing the M step of every estimated site, automatically, at ``init``.
 
 A site gets the closed-form M step when it is used *directly* as a parameter of a
-registered exponential family (`numpyro_onlineem.mstep.expfam`), possibly indexed
+registered exponential family (`numpyro_onlineem.families`), possibly indexed
 by enumerated latents or broadcast: ``Normal(locs[z], scales[z])``,
 ``Categorical(weights)``, ``MultivariateNormal(locs[z], covariance_matrix=cov)``.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,68 +32,16 @@ import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
 
+from numpyro_onlineem.estep.enumerate import Enumerate
+from numpyro_onlineem.families import family_names, find_family, unwrap
 from numpyro_onlineem.model import ModelSites, data_plate_frame, enum_trace
+from numpyro_onlineem.mstep.closed_form import ClosedForm
 from numpyro_onlineem.mstep.constraints import plan_projection
-from numpyro_onlineem.mstep.expfam import Family, find_family, unwrap
+from numpyro_onlineem.mstep.fixed import Fixed
+from numpyro_onlineem.mstep.sites import SitePlan, log_prob_shape, site_grid
 from numpyro_onlineem.schedules import default_burn_in, default_kappa, default_polyak
 from numpyro_onlineem.static import freeze
 from numpyro_onlineem.validation import InputSpec, describe_inputs
-
-
-class SitePlan(NamedTuple):
-    """How one local site feeds the closed-form M step.
-
-    Attributes
-    ----------
-    site : str
-    family : Family
-    data_axis : int
-        Axis of the data plate in the site's grid (log-prob shape + reinterpreted dims).
-    attrs : dict[str, str]
-        Role -> distribution attribute it is read from.
-    learned : dict[str, str]
-        Role -> estimated site name, for the roles the M step updates.
-    cell_ids : numpy.ndarray or None
-        Cell of every grid position off the data axis (flattened); ``None`` when the
-        cells are those positions in order.
-    num_cells : int
-    groups : dict[str, tuple]
-        Role -> (cell -> parameter block index, number of blocks).
-    block_maps : dict[str, numpy.ndarray]
-        Role -> parameter block index at every grid position off the data axis.
-    priors : dict[str, str | None]
-        Role -> global site whose prior is conjugate to it (``None`` for ``param``).
-    reparams : dict[str, str]
-        Role -> name of the reparametrisation through which its site enters
-        (``Family.reparams``), for the roles that are not used directly.
-    pooled_shift : bool
-        Whether some cell pools positions that read different elements of the data
-        (a location shared across coordinates): the statistics' reference point is
-        then one number for the whole site (see `numpyro_onlineem.core.data_shifts`).
-    projections : dict[str, Projection]
-        Role -> the projection that keeps its estimates inside the estimated site's
-        constraint, for the roles that need one
-        (`numpyro_onlineem.mstep.constraints`).
-    component_points : float
-        The data elements of one data point that one state of the enumerated latents
-        describes (``D`` for a ``D``-dimensional Gaussian component): the default
-        pseudo-points of the damped M step (`numpyro_onlineem.core.damped`).
-    """
-
-    site: str
-    family: Family
-    data_axis: int
-    attrs: dict
-    learned: dict
-    cell_ids: np.ndarray | None
-    num_cells: int
-    groups: dict
-    block_maps: dict
-    priors: dict
-    reparams: dict
-    pooled_shift: bool = False
-    projections: dict = {}
-    component_points: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -120,6 +68,11 @@ class Plan:
     stats_per_component : float
         Number of sufficient statistics per component ``m`` (all statistics over the
         largest number of enumerated states ``K``).
+    msteps : tuple of MStep
+        The M steps of the estimated sites, in the order they run
+        (`numpyro_onlineem.mstep.base`).
+    estep : EStep
+        The E step (`numpyro_onlineem.estep.base`): exact enumeration.
     """
 
     sites: tuple
@@ -128,6 +81,8 @@ class Plan:
     default_burn_in: float
     input_spec: InputSpec | None = None
     stats_per_component: float = 0.0
+    msteps: tuple = ()
+    estep: Any = Enumerate()
 
     @property
     def default_kappa(self) -> float:
@@ -179,24 +134,6 @@ def _array_attrs(fn, prefix="") -> dict:
         ):
             out[prefix + key] = np.asarray(val)
     return out
-
-
-def site_grid(site: dict) -> tuple[tuple, dist.Distribution]:
-    """(grid shape, base distribution): the grid is the log-prob shape followed by the
-    event dims that wrappers reinterpreted; every role broadcasts over it."""
-    fn = site["fn"]
-    base = unwrap(fn)
-    extra = tuple(fn.event_shape)[: len(fn.event_shape) - len(base.event_shape)]
-    return _log_prob_shape(site) + extra, base
-
-
-def _log_prob_shape(site: dict) -> tuple:
-    fn, value = site["fn"], site["value"]
-    return tuple(
-        jnp.broadcast_shapes(
-            tuple(fn.batch_shape), jnp.shape(value)[: jnp.ndim(value) - fn.event_dim]
-        )
-    )
 
 
 def _random_valid(shape, constraint, key, dtype):
@@ -280,7 +217,7 @@ def make_plan(
         if family is None:
             continue
         plate_dim = data_plate_frame(site_id, sites.data_plate).dim
-        data_axis = len(_log_prob_shape(site_id)) + plate_dim
+        data_axis = len(log_prob_shape(site_id)) + plate_dim
         roles_id = family.roles(base_id)
         roles_a = family.roles(unwrap(site_a["fn"]))
         attrs, learned, block_maps, nblocks, reparams = {}, {}, {}, {}, {}
@@ -393,9 +330,9 @@ def make_plan(
             raise UnsupportedModelError(
                 f"OnlineEM: site '{name}' enters site '{s}' (argument '{a}') in a way the "
                 "closed-form M step does not recognise. It must be used directly as a "
-                "parameter of a supported family (Normal, MultivariateNormal, Categorical, "
-                "Bernoulli, Poisson, Exponential), possibly indexed by the enumerated "
-                "latent. A numerical M step for other uses is planned."
+                f"parameter of a registered family ({family_names()}; register_family adds "
+                "one), possibly indexed by the enumerated latent. A numerical M step for "
+                "other uses is planned."
             )
         if len(uses[name]) > 1:
             where = [f"{s}.{r}" for s, r, _ in uses[name]]
@@ -465,6 +402,12 @@ def make_plan(
     total_stats = sum(
         sp.num_cells * sp.family.num_stats(unwrap(tr_id[sp.site]["fn"])) for sp in site_plans
     )
+    msteps = [
+        ClosedForm(sp, {role: sites.params[p].shape for role, p in sp.learned.items()})
+        for sp in site_plans
+    ]
+    if fixed:
+        msteps.append(Fixed(tuple(name for name in sites.params if name in fixed)))
     return Plan(
         tuple(site_plans),
         paths,
@@ -472,13 +415,14 @@ def make_plan(
         burn_in,
         describe_inputs(args, kwargs, {name: tr_id[name] for name in sites.observed}),
         stats_per_component=total_stats / k_max,
+        msteps=tuple(msteps),
     )
 
 
 def _component_points(site: dict, grid: tuple, data_axis: int, enumerated: tuple) -> float:
     """Elements of one data point's value per state of the enumerated latents: the grid
     positions off the data axis over the enumerated states, times the value's event."""
-    shape = _log_prob_shape(site)
+    shape = log_prob_shape(site)
     states = 1
     for dim, name in site["infer"]["dim_to_name"].items():
         if name in enumerated:

@@ -1,6 +1,7 @@
 r"""Exponential families: expected sufficient statistics and closed-form M steps.
 
-Each family is one entry of `FAMILIES`, with the same small interface:
+Each family is one entry of a registry (`register_family` adds one; the E and M steps
+and the plan read it through `find_family`), with the same small interface:
 
 * ``roles(base)``: the distribution's parameter arrays, keyed by role, with the
   attribute each was read from (``MultivariateNormal`` reads its covariance from
@@ -8,7 +9,7 @@ Each family is one entry of `FAMILIES`, with the same small interface:
 * ``suff_stats(value, weight, consts, base)``: the weighted statistics
   $\sum_i w_i\, T(x_i)$, summed over the data axis (axis 0); ``consts`` holds
   the roles that are not estimated (absorbed into the statistics).
-* ``m_step(stats, groups, current, priors, num_data, options, attrs, reparams, shift)``:
+* ``m_step(stats, inputs)`` (`MStepInputs`):
   the maximiser of
   $N \langle s, \phi(\theta)\rangle - N\psi(\theta) + \log \pi(\theta)$ over the
   learned roles, or its conditional maximiser role by role (ECM) where roles are
@@ -22,7 +23,7 @@ units from the origin lose the variance to cancellation; moments about $c$ keep 
 Statistics live on *cells*: the distinct combinations of parameter elements used at
 one position of the site. ``groups[role]`` maps each cell to the parameter block it
 reads, so tied parameters (one scale shared by all components, say) pool the cells
-that share them. Adding a family means adding one entry here; the E step and the
+that share them. Adding a family means registering one entry; the E step and the
 stochastic approximation never change.
 """
 
@@ -85,6 +86,47 @@ class Reparam(NamedTuple):
     formula: str
 
 
+class MStepInputs(NamedTuple):
+    r"""What a family's closed-form M step receives besides the running statistics.
+
+    Attributes
+    ----------
+    groups : dict[str, tuple]
+        Role -> (cell -> parameter block index as a NumPy array, number of blocks).
+    current : dict[str, Array]
+        Role -> current value, ``(num_blocks, *role_event)`` (reparametrised sites
+        already mapped forward).
+    priors : dict[str, dict]
+        Role -> hyperparameters of its conjugate prior, cut into blocks
+        (`PRIOR_HYPERPARAMETERS`); absent for ``numpyro.param`` sites.
+    num_data : float
+        $N$, the size of the data plate: statistics are per-datum averages, the M step
+        weighs $N$ times them against the priors.
+    options : MStepOptions
+    attrs : dict[str, str]
+        Role -> distribution attribute it is read from.
+    reparams : dict[str, str]
+        Role -> name of the reparametrisation of the roles that have one.
+    shift : Array or None
+        The reference point of every cell, ``(num_cells, *value_event)``, for
+        statistics taken about one (``None``: about the origin).
+    finish : dict or None
+        Role -> callable ``(blocks, count, weights) -> blocks`` to apply to the role's
+        proposal before the roles that depend on it (the damped step toward it, then
+        the projection onto the site's constraint; `finish_role`).
+    """
+
+    groups: dict
+    current: dict
+    priors: dict
+    num_data: Any
+    options: MStepOptions
+    attrs: dict
+    reparams: dict
+    shift: Any = None
+    finish: dict | None = None
+
+
 def contract_data(*ops: jax.Array) -> jax.Array:
     r"""Sum over axis 0 of the broadcast product of ``ops`` (all of the same ndim).
 
@@ -130,11 +172,12 @@ def take(x: jax.Array, groups: np.ndarray) -> jax.Array:
     return x[jnp.asarray(groups)]
 
 
-def _finish(
+def finish_role(
     finish: dict | None, role: str, value: jax.Array, count: jax.Array, weights=None
 ) -> jax.Array:
-    """A role's M-step proposal, damped and kept inside its site's constraint by the
-    caller's hook (see `Family.m_step`)."""
+    """A role's M-step proposal ``(num_blocks, *role_event)``, damped and kept inside its
+    site's constraint by the caller's hook (``MStepInputs.finish``); ``count``:
+    ``(num_blocks,)`` expected points behind each block."""
     if not finish or role not in finish:
         return value
     return finish[role](value, count, weights)
@@ -217,30 +260,12 @@ class Family:
     def suff_stats(self, value, weight, consts, base) -> dict:
         raise NotImplementedError
 
-    def m_step(
-        self,
-        stats,
-        groups,
-        current,
-        priors,
-        num_data,
-        options,
-        attrs,
-        reparams,
-        shift=None,
-        finish=None,
-    ) -> dict:
-        """Closed-form M step (see the module docstring). ``current`` holds role values
-        (reparametrised sites already mapped forward); ``reparams`` names the
-        reparametrisation of each role that has one; ``shift`` is the reference point
-        of every cell, shape ``(num_cells, *value_event)``, for statistics taken about
-        one (``None``: about the origin); ``finish`` maps a role to a callable
-        ``(blocks, count, weights) -> blocks`` applied to the role's proposal before the
-        roles that depend on it (`numpyro_onlineem.core.m_step`: the damped step toward
-        it, then the projection onto the site's constraint), with ``count`` the
-        ``N``-scaled expected points of each block (``inf`` under a prior) and
-        ``weights`` the curvature of a separable quadratic objective, or ``None``; the
-        result is in role values."""
+    def m_step(self, stats: dict, inputs: MStepInputs) -> dict:
+        """Closed-form M step (see the module docstring and `MStepInputs`): the
+        maximiser, in role values, of every learned role, each proposal passed through
+        ``inputs.finish`` (`finish_role`) with ``count`` the ``N``-scaled expected points
+        of each block (``inf`` under a prior) and ``weights`` the curvature of a
+        separable quadratic objective, or ``None``."""
         raise NotImplementedError
 
     def from_centers(self, role: str, centers: jax.Array, options: MStepOptions) -> jax.Array:
@@ -310,19 +335,8 @@ class NormalFamily(Family):
             "s2": contract_data(w, x * x),
         }
 
-    def m_step(
-        self,
-        stats,
-        groups,
-        current,
-        priors,
-        num_data,
-        options,
-        attrs,
-        reparams,
-        shift=None,
-        finish=None,
-    ):
+    def m_step(self, stats: dict, inputs: MStepInputs) -> dict:
+        groups, current, priors, num_data, options, attrs, reparams, shift, finish = inputs
         n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
         c = 0.0 if shift is None else shift
         out = {}
@@ -340,7 +354,7 @@ class NormalFamily(Family):
                 count = jnp.full_like(count, jnp.inf)
             loc = _keep(count, a / jnp.where(b > 0, b, 1.0), current["loc"], options.min_count)
             # the quadratic's curvature b weighs the blocks of an ordered projection
-            out["loc"] = _finish(finish, "loc", loc, count, b)
+            out["loc"] = finish_role(finish, "loc", loc, count, b)
         if "scale" in groups:
             g, nb = groups["scale"]
             # the new location about each cell's reference point
@@ -362,7 +376,7 @@ class NormalFamily(Family):
                 # a Gamma precision with a < 1 and too little data has its mode at 0
                 den = jnp.where(shape > 0, jnp.inf, 0.0)
             scale = _keep(den, jnp.sqrt(var), current["scale"], options.min_count)
-            out["scale"] = _finish(finish, "scale", scale, den)
+            out["scale"] = finish_role(finish, "scale", scale, den)
         return out
 
 
@@ -425,19 +439,8 @@ class MultivariateNormalFamily(Family):
             "s2": contract_data(w[..., None], x[..., :, None], x[..., None, :]),
         }
 
-    def m_step(
-        self,
-        stats,
-        groups,
-        current,
-        priors,
-        num_data,
-        options,
-        attrs,
-        reparams,
-        shift=None,
-        finish=None,
-    ):
+    def m_step(self, stats: dict, inputs: MStepInputs) -> dict:
+        groups, current, priors, num_data, options, attrs, reparams, shift, finish = inputs
         n, s1, s2 = (num_data * stats[k] for k in ("n", "s1", "s2"))
         c = jnp.zeros_like(s1) if shift is None else shift
         out = {}
@@ -458,7 +461,7 @@ class MultivariateNormalFamily(Family):
             one_to_one = _is_identity(g, current["loc"].shape[0])
             if one_to_one:
                 count = n if priors.get("loc") is None else jnp.full_like(n, jnp.inf)
-                mu = _finish(finish, "loc", mu, count)
+                mu = finish_role(finish, "loc", mu, count)
             out["loc"] = mu if one_to_one else current["loc"].at[jnp.asarray(g)].set(mu)
         if "cov" in groups:
             g, nb = groups["cov"]
@@ -490,7 +493,7 @@ class MultivariateNormalFamily(Family):
             cov = _keep(
                 count, _from_cov(cov, chol, attrs["cov"]), current["cov"], options.min_count
             )
-            out["cov"] = _finish(finish, "cov", cov, count)
+            out["cov"] = finish_role(finish, "cov", cov, count)
         return out
 
 
@@ -536,19 +539,8 @@ class CategoricalFamily(Family):
         onehot = jax.nn.one_hot(value, num, dtype=weight.dtype)
         return {"counts": contract_data(weight[..., None], onehot)}
 
-    def m_step(
-        self,
-        stats,
-        groups,
-        current,
-        priors,
-        num_data,
-        options,
-        attrs,
-        reparams,
-        shift=None,
-        finish=None,
-    ):
+    def m_step(self, stats: dict, inputs: MStepInputs) -> dict:
+        groups, current, priors, num_data, options, attrs, reparams, shift, finish = inputs
         g, nb = groups["probs"]
         counts = segment_sum(num_data * stats["counts"], g, nb)
         total = counts.sum(-1)
@@ -558,7 +550,7 @@ class CategoricalFamily(Family):
         norm = counts.sum(-1, keepdims=True)
         new = counts / jnp.where(norm > 0, norm, 1.0)
         new = _keep(total, new, current["probs"], options.min_count)
-        return {"probs": _finish(finish, "probs", new, total)}
+        return {"probs": finish_role(finish, "probs", new, total)}
 
 
 class _CountRateFamily(Family):
@@ -581,19 +573,8 @@ class _CountRateFamily(Family):
     def clip(self, value, options):
         return jnp.maximum(value, options.prob_eps)
 
-    def m_step(
-        self,
-        stats,
-        groups,
-        current,
-        priors,
-        num_data,
-        options,
-        attrs,
-        reparams,
-        shift=None,
-        finish=None,
-    ):
+    def m_step(self, stats: dict, inputs: MStepInputs) -> dict:
+        groups, current, priors, num_data, options, attrs, reparams, shift, finish = inputs
         g, nb = groups[self.role]
         n = segment_sum(num_data * stats["n"], g, nb)
         s1 = segment_sum(num_data * stats["s1"], g, nb)
@@ -602,7 +583,7 @@ class _CountRateFamily(Family):
         count = n if prior is None else jnp.full_like(n, jnp.inf)
         value = self.clip(num / jnp.where(den > 0, den, 1.0), options)
         value = _keep(count, value, current[self.role], options.min_count)
-        return {self.role: _finish(finish, self.role, value, count)}
+        return {self.role: finish_role(finish, self.role, value, count)}
 
 
 class BernoulliFamily(_CountRateFamily):
@@ -638,12 +619,9 @@ class BernoulliFamily(_CountRateFamily):
         return jnp.clip(centers, 0.05, 0.95)
 
 
-class PoissonFamily(_CountRateFamily):
-    r"""``Poisson(rate)``: $\lambda = s_1/n$; ``Gamma(a, b)`` prior:
-    $\lambda = (N s_1 + a - 1)/(N n + b)$."""
+class _PositiveRateFamily(_CountRateFamily):
+    """A positive ``rate`` with a conjugate ``Gamma`` prior."""
 
-    name = "Poisson"
-    dist_types = (dist.Poisson,)
     role = "rate"
     role_event_ndim = {"rate": 0}
     conjugate_priors = {"rate": (dist.Gamma,)}
@@ -651,6 +629,14 @@ class PoissonFamily(_CountRateFamily):
     role_support = {"rate": constraints.positive}
 
     has_linear_form = True
+
+
+class PoissonFamily(_PositiveRateFamily):
+    r"""``Poisson(rate)``: $\lambda = s_1/n$; ``Gamma(a, b)`` prior:
+    $\lambda = (N s_1 + a - 1)/(N n + b)$."""
+
+    name = "Poisson"
+    dist_types = (dist.Poisson,)
 
     def linear_form(self, value, params, num_event, center=None):
         rate = params["rate"]
@@ -667,19 +653,12 @@ class PoissonFamily(_CountRateFamily):
         return centers + 0.5
 
 
-class ExponentialFamily(_CountRateFamily):
+class ExponentialFamily(_PositiveRateFamily):
     r"""``Exponential(rate)``: $\lambda = n/s_1$; ``Gamma(a, b)`` prior:
     $\lambda = (N n + a - 1)/(N s_1 + b)$."""
 
     name = "Exponential"
     dist_types = (dist.Exponential,)
-    role = "rate"
-    role_event_ndim = {"rate": 0}
-    conjugate_priors = {"rate": (dist.Gamma,)}
-    center_roles = ("rate",)
-    role_support = {"rate": constraints.positive}
-
-    has_linear_form = True
 
     def linear_form(self, value, params, num_event, center=None):
         rate = params["rate"]
@@ -707,14 +686,50 @@ PRIOR_HYPERPARAMETERS = {
 }
 
 
-FAMILIES: tuple[Family, ...] = (
+_REGISTRY: list[Family] = [
     NormalFamily(),
     MultivariateNormalFamily(),
     CategoricalFamily(),
     BernoulliFamily(),
     PoissonFamily(),
     ExponentialFamily(),
-)
+]
+
+
+def register_family(family: Family) -> Family:
+    """Add a family to the registry, ahead of the ones already there (so a user's entry
+    for a distribution type replaces the built-in one). Returns it, so that it can
+    decorate an instance's creation: ``register_family(RayleighFamily())``.
+
+    The family's M step is then chosen for every site whose base distribution is one of
+    ``family.dist_types``, its statistics are accumulated online, and its sites'
+    log-densities come from the distribution's own ``log_prob`` (or from
+    ``linear_form`` when it sets ``has_linear_form``). Plans made before keep the
+    family they were made with.
+    """
+    if not isinstance(family, Family):
+        raise TypeError(
+            f"register_family: expected an instance of a Family subclass, got {family!r}."
+        )
+    if not family.name or not family.dist_types:
+        raise ValueError(
+            f"register_family: {type(family).__name__} needs a name and dist_types "
+            "(the NumPyro distribution classes it covers)."
+        )
+    if family in _REGISTRY:
+        _REGISTRY.remove(family)
+    _REGISTRY.insert(0, family)
+    return family
+
+
+def registered_families() -> tuple[Family, ...]:
+    """Every registered family, the most recently registered first."""
+    return tuple(_REGISTRY)
+
+
+def family_names() -> str:
+    """The registered families' names, for error messages: ``"Normal, Poisson, ..."``."""
+    return ", ".join(dict.fromkeys(fam.name for fam in reversed(_REGISTRY)))
 
 
 def unwrap(fn: dist.Distribution) -> dist.Distribution:
@@ -726,7 +741,7 @@ def unwrap(fn: dist.Distribution) -> dist.Distribution:
 
 def find_family(base: Any) -> Family | None:
     """The registry entry for a (base) distribution, or ``None``."""
-    for fam in FAMILIES:
+    for fam in _REGISTRY:
         if type(base) in fam.dist_types:
             return fam
     return None

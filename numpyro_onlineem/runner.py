@@ -1,0 +1,306 @@
+"""The loop of `OnlineEM.run`: a stream of arrays, batches or single points, turned into
+an initialisation and fused compiled updates, with a progress bar in points.
+
+* An array with ``batch_size`` is cut into chunks of ``chunk_size`` batches, each one
+  compiled ``lax.scan`` (`numpyro_onlineem.stream.array_chunks`).
+* An iterable's items (a batch, a tuple of arguments, an ``(args, kwargs)`` pair, a
+  single point) are buffered into chunks of batches of one shape; single points become
+  batches of one (`numpyro_onlineem.stream`).
+* Without ``init_state``, `OnlineEM.init` takes the stream's first ``init_points``
+  points (single points and small batches are buffered for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState
+from numpyro_onlineem.stream import (
+    Chunk,
+    add_batch_axis,
+    array_chunks,
+    as_call,
+    concat_calls,
+    is_array,
+    num_points,
+    split_args,
+    with_extra,
+)
+from numpyro_onlineem.validation import check_inputs
+
+
+def run_stream(
+    em,
+    rng_key: jax.Array,
+    stream,
+    extra: tuple,
+    *,
+    batch_size: int | None,
+    progress_bar: bool,
+    init_params: dict | None,
+    init_state: OnlineEMState | None,
+    init_points: int | None,
+) -> OnlineEMRunResult:
+    """`OnlineEM.run` (see there); ``extra``: the model's other ``(args, kwargs)``."""
+    if isinstance(stream, np.ndarray | jax.Array):
+        if batch_size is None:
+            raise ValueError(
+                "OnlineEM.run: pass batch_size=... to cut an array stream into batches."
+            )
+        if int(batch_size) < 1:
+            raise ValueError(f"OnlineEM.run: batch_size must be >= 1, got {batch_size}.")
+    runner = _Runner(em, extra, progress_bar)
+    try:
+        state = init_state
+        if isinstance(stream, np.ndarray | jax.Array):
+            data = stream if isinstance(stream, jax.Array) else np.asarray(stream)
+            runner.start(total=int(data.shape[0]))
+            if state is None:
+                first = (data[: int(batch_size)],), {}
+                with runner.explain_type_errors(first):
+                    n0 = em._init_points(first, extra, init_points)
+                n0 = max(int(batch_size), n0)
+                state = runner.init(rng_key, [((data[:n0],), {})], init_params)
+                data = data[n0:]
+            if state.plan.model_sites.reads_subsample:
+                raise ValueError(
+                    "OnlineEM.run: the model draws its mini-batches itself (its data "
+                    f"plate '{state.plan.model_sites.data_plate}' subsamples the arrays "
+                    "it is given), so an array cut into batches would be subsampled "
+                    "again. Pass the whole data at every update: em.update(state, x) in "
+                    "a loop, or em.run(key, itertools.repeat(x, num_updates), ...); or "
+                    "pass mini-batches and let the plate only state N: "
+                    "numpyro.plate('data', N, subsample_size=x.shape[0]) without x[idx]."
+                )
+            items = array_chunks(data, int(batch_size), runner.chunk_len)
+        else:
+            runner.start(total=None)
+            items = iter(stream)
+            if state is None:
+                state = runner.init_from_items(rng_key, items, init_params, init_points)
+        state = runner.consume(state, items)
+    finally:
+        runner.close()
+    if state is None:
+        raise ValueError("OnlineEM.run: the stream was empty.")
+    return runner.result(state)
+
+
+class _Runner:
+    """The loop of `OnlineEM.run`: initialisation from the stream's first points, fused
+    updates, the progress bar, losses and skipped batches."""
+
+    SLOW_CHUNK_SECONDS = 1.0
+
+    def __init__(self, em, extra: tuple, progress_bar: bool):
+        self.em = em
+        self.extra = extra
+        self.progress_bar = progress_bar
+        self.length = em.chunk_size
+        self.timed_lengths = set()
+        self.infos = []
+        self.bar = None
+
+    def chunk_len(self) -> int:
+        return self.length
+
+    def start(self, total: int | None) -> None:
+        if self.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                desc="OnlineEM", total=total, unit="pt", unit_scale=True, mininterval=0.5
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    # --------------------------------------------------------------- init
+    def init(self, rng_key, calls: list, init_params) -> OnlineEMState:
+        item = calls[0] if len(calls) == 1 else concat_calls(calls)
+        args, kwargs = with_extra(item, self.extra)
+        with self.explain_type_errors(item):
+            state = self.em.init(rng_key, *args, init_params=init_params, **kwargs)
+        if self.bar is not None:
+            self.bar.update(num_points(item))
+        return state
+
+    @contextlib.contextmanager
+    def explain_type_errors(self, item):
+        """A model called with the wrong arguments says how ``run`` calls it."""
+        try:
+            yield
+        except TypeError as e:
+            args, kwargs = with_extra(item, self.extra)
+            raise TypeError(
+                f"OnlineEM.run: the model failed on the arguments {_describe(args, kwargs)}: "
+                f"{e}. run calls the model with each stream item's arrays, then run's own "
+                "*args and **kwargs: em.run(key, x, N, batch_size=100) calls "
+                "model(x[i:i + 100], N)."
+            ) from e
+
+    def init_from_items(self, rng_key, items, init_params, init_points) -> OnlineEMState | None:
+        first = next(items, None)
+        if first is None:
+            return None
+        call = as_call(first)
+        with self.explain_type_errors(call):
+            point = self.em._is_single_point(call, self.extra)
+            if point:
+                call = add_batch_axis(call)
+            wanted = self.em._init_points(call, self.extra, init_points)
+        calls, seen = [call], num_points(call)
+        while seen < wanted:
+            item = next(items, None)
+            if item is None:
+                break
+            call = add_batch_axis(as_call(item)) if point else as_call(item)
+            calls.append(call)
+            seen += num_points(call)
+        return self.init(rng_key, calls, init_params)
+
+    # ------------------------------------------------------------ updates
+    def consume(self, state, items) -> OnlineEMState | None:
+        buffer, signature = [], None
+        last = None  # (shape, dtype, expand, static) of the last bare-array item
+        for item in items:
+            if isinstance(item, Chunk):
+                state = self._array_chunk(state, item)
+                continue
+            if last is not None and _same_bare_array(item, last):
+                # a stream of arrays of one shape (single points, say): checked once
+                arrays = [item[None] if last[2] else item] + last[4]
+                static = last[3]
+            else:
+                args, kwargs = with_extra(as_call(item), self.extra)
+                expanded = _single_point_to_batch(state.plan.input_spec, args, kwargs)
+                check_inputs(state.plan.input_spec, *expanded, "run", values=False)
+                arrays, static = split_args(*expanded)
+                last = None
+                if isinstance(item, np.ndarray) and not self.extra[1]:
+                    expand = np.ndim(expanded[0][0]) != np.ndim(item)
+                    last = (item.shape, item.dtype, expand, static, arrays[1:])
+            if state.plan.model_sites.reads_subsample:
+                # the whole data at every update: never stacked
+                state = self._single(state, arrays, static)
+                continue
+            sig = (static, tuple(np.shape(a) for a in arrays))
+            if buffer and (sig != signature or len(buffer) == self.length):
+                state = self._flush(state, buffer)
+                buffer = []
+            buffer.append((arrays, static))
+            signature = sig
+        if buffer:
+            state = self._flush(state, buffer)
+        return state
+
+    def _array_chunk(self, state, item):
+        if state is None:  # an empty first part: init on the first batch
+            state = self.init(jax.random.PRNGKey(0), [((item.data[0],), {})], None)
+            item = Chunk(item.data[1:])
+            if not len(item.data):
+                return state
+        args, kwargs = with_extra(((item.data[0],), {}), self.extra)
+        check_inputs(state.plan.input_spec, args, kwargs, "run", values=False)
+        _, static = split_args(args, kwargs)
+        arrays = split_args(*with_extra(((item.data,), {}), self.extra))[0]
+        return self._chunk(state, arrays, static, int(item.data.shape[0]))
+
+    def _flush(self, state, buffer):
+        static = buffer[0][1]
+        if len(buffer) < self.length:
+            for arrays, _ in buffer:
+                state = self._single(state, arrays, static)
+            return state
+        stacked = [_stack(column) for column in zip(*(b[0] for b in buffer), strict=True)]
+        return self._chunk(state, stacked, static, len(buffer))
+
+    def _chunk(self, state, stacked, static, length):
+        """``length`` stacked batches: one fused call when ``length`` is the current
+        chunk length, one update at a time otherwise (no compile for a new length)."""
+        if length != self.length:
+            for i in range(length):
+                state = self._single(state, [a[i] for a in stacked], static)
+            return state
+        start = time.perf_counter()
+        state, infos = self.em._scan_jit(state, stacked, static)
+        self._record(infos, length * _batch_points(stacked[0], 1))
+        elapsed = time.perf_counter() - start
+        if length in self.timed_lengths and elapsed > self.SLOW_CHUNK_SECONDS and length > 1:
+            # a fused call this slow would leave the progress bar still: shorter ones
+            # (one more compile, only for updates that take this long anyway)
+            self.length = max(1, 2 ** int(np.log2(length * 0.5 / elapsed)))
+        self.timed_lengths.add(length)
+        return state
+
+    def _single(self, state, arrays, static):
+        state, info = self.em._update_jit(state, arrays, static)
+        self._record(info, _batch_points(arrays[0], 0))
+        return state
+
+    def _record(self, infos, points: int) -> None:
+        """Keep a fused call's or an update's info (on the device: read at the end)."""
+        self.infos.append(infos)
+        if self.bar is not None:
+            self.bar.update(points)
+            self.bar.set_postfix(loss=f"{float(jnp.nanmean(infos.loss)):.4f}", refresh=False)
+
+    def result(self, state) -> OnlineEMRunResult:
+        flat = lambda xs: np.concatenate([np.atleast_1d(np.asarray(x)) for x in xs])
+        losses = flat([i.loss for i in self.infos]) if self.infos else np.zeros((0,))
+        bad = [i.nonfinite | i.out_of_support for i in self.infos]
+        skipped = np.flatnonzero(flat(bad)) if bad else []
+        losses = jnp.asarray(losses)
+        if len(skipped):
+            warnings.warn(
+                f"OnlineEM.run: {len(skipped)} of {len(losses)} batches had non-finite or "
+                "out-of-support values and were skipped (their losses are not finite); "
+                f"the first was update {skipped[0]} of this run (counting from 0).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return OnlineEMRunResult(self.em.get_params(state), state, losses)
+
+
+def _single_point_to_batch(spec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Arrays with one dimension fewer than at ``init`` are single points: batches of one."""
+    ndims = {name: ndim for name, ndim, _ in spec.arrays}
+    expand = lambda a, name: (
+        np.asarray(a)[None] if is_array(a) and np.ndim(a) == ndims.get(name, -9) - 1 else a
+    )
+    args = tuple(expand(a, f"args[{i}]") for i, a in enumerate(args))
+    return args, {k: expand(v, k) for k, v in kwargs.items()}
+
+
+def _same_bare_array(item, last) -> bool:
+    """Whether a stream item is a NumPy array of the shape and dtype of the last one."""
+    return isinstance(item, np.ndarray) and item.shape == last[0] and item.dtype == last[1]
+
+
+def _batch_points(array, axis: int) -> int:
+    """Points in a batch (``axis`` 0) or in each batch of a stack (``axis`` 1)."""
+    shape = np.shape(array)
+    return int(shape[axis]) if len(shape) > axis else 1
+
+
+def _stack(arrays) -> Any:
+    """Stack batches along a new leading axis: on the host when they are there (one copy
+    to the device for the chunk, not one per batch)."""
+    if all(isinstance(a, np.ndarray | np.generic) for a in arrays):
+        return np.stack(arrays)
+    return jnp.stack(arrays)
+
+
+def _describe(args: tuple, kwargs: dict) -> str:
+    """``(x: (100, 2) float32, 3, N=1000)``: the shapes of arrays, the other values."""
+    show = lambda v: f"{np.shape(v)} {np.asarray(v).dtype}" if is_array(v) else repr(v)
+    parts = [show(a) for a in args] + [f"{k}={show(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
