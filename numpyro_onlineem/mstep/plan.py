@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
 
 from numpyro_onlineem.estep.enumerate import Enumerate
-from numpyro_onlineem.families import family_names, find_family, unwrap
+from numpyro_onlineem.families import Family, family_names, find_family, unwrap
 from numpyro_onlineem.model import ModelSites, data_plate_frame, enum_trace
 from numpyro_onlineem.mstep.closed_form import ClosedForm
 from numpyro_onlineem.mstep.constraints import plan_projection
@@ -104,10 +104,17 @@ class Plan:
         return freeze(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     def __eq__(self, other) -> bool:
-        return self is other or (isinstance(other, Plan) and self._key == other._key)
+        if self is other:
+            return True
+        return isinstance(other, Plan) and self._hash == other._hash and self._key == other._key
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(self._key)
 
     def __hash__(self) -> int:
-        return hash(self._key)
+        # cached: jit hashes the plan at every call, a nested tuple each time otherwise
+        return self._hash
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}: {v}" for k, v in self.paths.items())
@@ -145,6 +152,48 @@ def _random_valid(shape, constraint, key, dtype):
     return np.asarray(transform(0.5 * jax.random.normal(key, unconstrained, dtype)))
 
 
+class SiteUse(NamedTuple):
+    """How the probes found one estimated site used: as ``role`` of the local
+    ``family`` site ``local``, directly or through the reparametrisation ``reparam``,
+    and (for a global site) with the prior ``prior``."""
+
+    local: str
+    role: str
+    family: Family
+    reparam: str | None
+    prior: Any = None
+
+
+class Recognition(NamedTuple):
+    """What `recognise` found by probing the model (static, no arrays of the state).
+
+    Attributes
+    ----------
+    site_plans : tuple of SitePlan
+        One per local site of a registered family that reads an estimated site, before
+        `build` adds projections and priors.
+    uses : dict[str, SiteUse | None]
+        Estimated (not fixed) site -> its one use, ``None`` when the data never read it.
+    fixed : tuple of str
+        Sites held at their initial value.
+    num_states : int
+        Largest number of states of an enumerated site.
+    full_dims : tuple of int
+        Dimensions of the estimated full covariances.
+    total_stats : float
+        Statistics over every cell of every site.
+    input_spec : InputSpec
+    """
+
+    site_plans: tuple
+    uses: dict
+    fixed: tuple
+    num_states: int
+    full_dims: tuple
+    total_stats: float
+    input_spec: InputSpec
+
+
 def make_plan(
     model: Callable,
     sites: ModelSites,
@@ -153,7 +202,7 @@ def make_plan(
     kwargs: dict,
     fixed: frozenset = frozenset(),
 ) -> Plan:
-    """Recognise the closed-form M step of every estimated site (see module docstring).
+    """The M-step plan of a model: `recognise` → `build` → `report`.
 
     Parameters
     ----------
@@ -165,11 +214,17 @@ def make_plan(
     ------
     UnsupportedModelError
         Naming the site and the reason, when a site enters the model in a way no
-        closed form covers.
+        available M step covers.
     """
+    found = recognise(model, sites, params, args, kwargs, fixed)
+    plan = build(found, sites)
+    return plan.replace(paths=report(found, plan))
+
+
+def _probe_values(sites: ModelSites, names: list) -> tuple[dict, dict, dict, dict]:
+    """Distinct integer ids for every estimated element (``ids``, with each site's first
+    id in ``base``), and two random valid values of every site."""
     dtype = jnp.result_type(float)
-    names = [name for name in sites.params if name not in fixed]
-    constants = {name: params[name] for name in sites.params if name in fixed}
     ids, rand_a, rand_b, base = {}, {}, {}, {}
     offset = 1
     keys = jax.random.split(jax.random.PRNGKey(20091), 2 * max(len(names), 1))
@@ -189,6 +244,22 @@ def make_plan(
             "OnlineEM: too many estimated elements to recognise the model in "
             f"{jnp.dtype(dtype).name}; enable float64 with jax_enable_x64."
         )
+    return ids, rand_a, rand_b, base
+
+
+def recognise(
+    model: Callable,
+    sites: ModelSites,
+    params: dict,
+    args: tuple,
+    kwargs: dict,
+    fixed: frozenset = frozenset(),
+) -> Recognition:
+    """Run the model on probe values (see the module docstring) and find how every
+    estimated site is used; refuse, naming the site, any use no M step covers."""
+    names = [name for name in sites.params if name not in fixed]
+    constants = {name: params[name] for name in sites.params if name in fixed}
+    ids, rand_a, rand_b, base = _probe_values(sites, names)
 
     def run(values):
         tr = enum_trace(model, sites, {**constants, **values}, args, kwargs)
@@ -270,153 +341,208 @@ def make_plan(
                 np.prod(role_event, dtype=int)
             )
             learned[role] = pname
-            uses[pname].append((sname, role, family))
+            uses[pname].append(SiteUse(sname, role, family, reparams.get(role)))
         if not learned:
             continue
-        stacked = np.stack([block_maps[r].reshape(-1) for r in learned], axis=-1)
-        cells, first, inverse = np.unique(stacked, axis=0, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        groups = {r: (cells[:, i].astype(np.int32), nblocks[r]) for i, r in enumerate(learned)}
-        if family.name == "MultivariateNormal" and "loc" in learned:
-            tied = len(np.unique(groups["loc"][0])) != len(cells)
-            if "cov" not in learned:  # a constant covariance: one per location
-                cov = np.asarray(roles_a["cov"][1])
-                cov = np.broadcast_to(cov, tuple(grid) + cov.shape[-2:])
-                cov = np.take(cov, 0, axis=data_axis).reshape((-1,) + cov.shape[-2:])
-                tied = any(
-                    not np.allclose(cov[inverse == c], cov[inverse == c][:1])
-                    for c in range(len(cells))
-                )
-            if tied:
-                raise UnsupportedModelError(
-                    f"OnlineEM: MultivariateNormal site '{sname}' ties one location across "
-                    "several covariances; give each component its own location."
-                )
-        identity = len(cells) == len(inverse) and np.array_equal(inverse, np.arange(len(inverse)))
-        # the element of the data each position reads (data point 0), to see whether a
-        # cell pools positions that read different coordinates
-        value_shape = np.shape(site_id["value"])
-        value_shape = (1,) * (len(grid) + family.value_event_ndim - len(value_shape)) + value_shape
-        reads = np.arange(int(np.prod(value_shape[: len(grid)], dtype=int)))
-        reads = np.broadcast_to(reads.reshape(value_shape[: len(grid)]), grid)
-        reads = np.take(reads, 0, axis=data_axis).reshape(-1)
-        pooled = len(np.unique(np.stack([inverse, reads], -1), axis=0)) != len(cells)
         site_plans.append(
-            SitePlan(
-                site=sname,
-                family=family,
-                data_axis=data_axis,
-                attrs=attrs,
-                learned=learned,
-                cell_ids=None if identity else inverse.astype(np.int32),
-                num_cells=len(cells),
-                groups=groups,
-                block_maps=block_maps,
-                priors={},
-                reparams=reparams,
-                pooled_shift=bool(pooled),
-                projections={},
-                component_points=_component_points(site_id, grid, data_axis, sites.enumerated),
+            _site_plan(
+                sname, site_id, family, grid, data_axis, attrs, learned, block_maps,
+                nblocks, reparams, roles_a, sites,
             )
-        )
+        )  # fmt: skip
 
-    paths = {name: "fixed at its initial value" for name in sites.params if name in fixed}
+    checked = {}
     for name in names:
-        ps = sites.params[name]
-        covered = {(s, a) for s, role, fam in uses[name] for a in fam.attrs(role)}
+        covered = {(u.local, a) for u in uses[name] for a in u.family.attrs(u.role)}
         stray = sorted(deps[name] - covered)
         if stray:
             s, a = stray[0]
             raise UnsupportedModelError(
                 f"OnlineEM: site '{name}' enters site '{s}' (argument '{a}') in a way the "
-                "closed-form M step does not recognise. It must be used directly as a "
+                f"closed-form M step does not recognise. It must be used directly as a "
                 f"parameter of a registered family ({family_names()}; register_family adds "
                 "one), possibly indexed by the enumerated latent. A numerical M step for "
                 "other uses is planned."
             )
         if len(uses[name]) > 1:
-            where = [f"{s}.{r}" for s, r, _ in uses[name]]
+            where = [f"{u.local}.{u.role}" for u in uses[name]]
             raise UnsupportedModelError(
                 f"OnlineEM: site '{name}' is used in several places ({where}); the "
                 "closed-form M step supports one use per estimated site."
             )
-        if not uses[name]:
-            paths[name] = "unused by the data: kept at its initial value"
-            continue
-        sname, role, fam = uses[name][0]
-        splan = next(sp for sp in site_plans if sp.site == sname)
-        reparam = splan.reparams.get(role)
-        path = f"closed form: {fam.name} {role} of site '{sname}'"
-        if reparam is not None:
-            path += f" (as a {reparam}: {role} = {fam.reparams[role][reparam].formula})"
-        projection = plan_projection(
-            name,
-            ps.constraint,
-            fam.support(role, splan.attrs[role], reparam),
-            quadratic=role in fam.quadratic_roles,
-            scalar_blocks=fam.role_event_ndim[role] == 0,
-            direct=reparam is None,
-        )
-        kept = ""
-        if projection is not None:
-            splan.projections[role] = projection
-            how = "isotonic regression" if projection.ordered else "clipping"
-            kept = f"; kept in its constraint {ps.constraint} by {how}"
-        if ps.kind == "global":
-            prior_fn = unwrap(tr_a[name]["fn"])
-            attr = splan.attrs[role]
-            allowed = fam.prior_choices(role, attr, reparam)
-            if not fam.accepts_prior(role, attr, prior_fn, reparam):
-                what = role
-                if reparam is not None:
-                    what = f"{reparam} ({role} = {fam.reparams[role][reparam].formula})"
-                raise UnsupportedModelError(
-                    f"OnlineEM: global site '{name}' has a {type(prior_fn).__name__} prior, "
-                    f"which has no closed-form posterior mode as the {what} of "
-                    f"{fam.name} ('{attr}'). Conjugate choices: "
-                    f"{[t.__name__ for t in allowed] or 'none'}; or declare it with "
-                    "numpyro.param for maximum likelihood."
-                )
-            hyper = [n for n in names if any(s == name for s, _ in deps[n])]
-            if hyper:
-                raise UnsupportedModelError(
-                    f"OnlineEM: the prior of '{name}' depends on {hyper}; hierarchical "
-                    "priors have no closed-form M step."
-                )
-            splan.priors[role] = name
-            path += f", posterior mode under its {type(prior_fn).__name__} prior"
-        else:
-            path += ", maximum likelihood"
-        paths[name] = path + kept
+        use = uses[name][0] if uses[name] else None
+        if use is not None and sites.params[name].kind == "global":
+            use = use._replace(prior=_check_prior(name, use, tr_a, deps, names, site_plans))
+        checked[name] = use
+
     cardinalities = [
         int(tr_id[n]["fn"].enumerate_support(expand=False).shape[0]) for n in sites.enumerated
     ]
-    k_max = max(cardinalities or [1])
     # a full covariance needs more points than dimensions before its first M step
-    full_dims = [
+    full_dims = tuple(
         int(np.shape(unwrap(tr_id[sp.site]["fn"]).loc)[-1])
         for sp in site_plans
         if "cov" in sp.learned
-    ]
-    burn_in = default_burn_in(k_max, full_dims)
+    )
     total_stats = sum(
         sp.num_cells * sp.family.num_stats(unwrap(tr_id[sp.site]["fn"])) for sp in site_plans
     )
+    return Recognition(
+        site_plans=tuple(site_plans),
+        uses=checked,
+        fixed=tuple(name for name in sites.params if name in fixed),
+        num_states=max(cardinalities or [1]),
+        full_dims=full_dims,
+        total_stats=float(total_stats),
+        input_spec=describe_inputs(args, kwargs, {n: tr_id[n] for n in sites.observed}),
+    )
+
+
+def _site_plan(
+    sname, site_id, family, grid, data_axis, attrs, learned, block_maps, nblocks, reparams,
+    roles_a, sites,
+) -> SitePlan:  # fmt: skip
+    """The cells of one local site: the distinct combinations of parameter blocks its
+    positions read (see the module docstring)."""
+    stacked = np.stack([block_maps[r].reshape(-1) for r in learned], axis=-1)
+    cells, first, inverse = np.unique(stacked, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    groups = {r: (cells[:, i].astype(np.int32), nblocks[r]) for i, r in enumerate(learned)}
+    if family.name == "MultivariateNormal" and "loc" in learned:
+        tied = len(np.unique(groups["loc"][0])) != len(cells)
+        if "cov" not in learned:  # a constant covariance: one per location
+            cov = np.asarray(roles_a["cov"][1])
+            cov = np.broadcast_to(cov, tuple(grid) + cov.shape[-2:])
+            cov = np.take(cov, 0, axis=data_axis).reshape((-1,) + cov.shape[-2:])
+            tied = any(
+                not np.allclose(cov[inverse == c], cov[inverse == c][:1]) for c in range(len(cells))
+            )
+        if tied:
+            raise UnsupportedModelError(
+                f"OnlineEM: MultivariateNormal site '{sname}' ties one location across "
+                "several covariances; give each component its own location."
+            )
+    identity = len(cells) == len(inverse) and np.array_equal(inverse, np.arange(len(inverse)))
+    # the element of the data each position reads (data point 0), to see whether a
+    # cell pools positions that read different coordinates
+    value_shape = np.shape(site_id["value"])
+    value_shape = (1,) * (len(grid) + family.value_event_ndim - len(value_shape)) + value_shape
+    reads = np.arange(int(np.prod(value_shape[: len(grid)], dtype=int)))
+    reads = np.broadcast_to(reads.reshape(value_shape[: len(grid)]), grid)
+    reads = np.take(reads, 0, axis=data_axis).reshape(-1)
+    pooled = len(np.unique(np.stack([inverse, reads], -1), axis=0)) != len(cells)
+    return SitePlan(
+        site=sname,
+        family=family,
+        data_axis=data_axis,
+        attrs=attrs,
+        learned=learned,
+        cell_ids=None if identity else inverse.astype(np.int32),
+        num_cells=len(cells),
+        groups=groups,
+        block_maps=block_maps,
+        priors={},
+        reparams=reparams,
+        pooled_shift=bool(pooled),
+        projections={},
+        component_points=_component_points(site_id, grid, data_axis, sites.enumerated),
+    )
+
+
+def _check_prior(name, use: SiteUse, tr_a, deps, names, site_plans):
+    """The prior of global site ``name``, when it has a closed-form posterior mode in
+    its use; an `UnsupportedModelError` naming the conjugate choices otherwise."""
+    fam, role, reparam = use.family, use.role, use.reparam
+    prior_fn = unwrap(tr_a[name]["fn"])
+    attr = next(sp for sp in site_plans if sp.site == use.local).attrs[role]
+    if not fam.accepts_prior(role, attr, prior_fn, reparam):
+        what = role
+        if reparam is not None:
+            what = f"{reparam} ({role} = {fam.reparams[role][reparam].formula})"
+        allowed = fam.prior_choices(role, attr, reparam)
+        raise UnsupportedModelError(
+            f"OnlineEM: global site '{name}' has a {type(prior_fn).__name__} prior, "
+            f"which has no closed-form posterior mode as the {what} of "
+            f"{fam.name} ('{attr}'). Conjugate choices: "
+            f"{[t.__name__ for t in allowed] or 'none'}; or declare it with "
+            "numpyro.param for maximum likelihood."
+        )
+    hyper = [n for n in names if any(s == name for s, _ in deps[n])]
+    if hyper:
+        raise UnsupportedModelError(
+            f"OnlineEM: the prior of '{name}' depends on {hyper}; hierarchical "
+            "priors have no closed-form M step."
+        )
+    return type(prior_fn)
+
+
+def build(found: Recognition, sites: ModelSites) -> Plan:
+    """The static plan from what `recognise` found: each local site's projections and
+    priors, the M steps in order, and the defaults that depend on the model (its
+    ``paths`` are left to `report`)."""
+    site_plans = {sp.site: sp for sp in found.site_plans}
+    for name, use in found.uses.items():
+        if use is None:
+            continue
+        sp = site_plans[use.local]
+        fam, role = use.family, use.role
+        projection = plan_projection(
+            name,
+            sites.params[name].constraint,
+            fam.support(role, sp.attrs[role], use.reparam),
+            quadratic=role in fam.quadratic_roles,
+            scalar_blocks=fam.role_event_ndim[role] == 0,
+            direct=use.reparam is None,
+        )
+        if projection is not None:
+            sp = sp._replace(projections={**sp.projections, role: projection})
+        if use.prior is not None:
+            sp = sp._replace(priors={**sp.priors, role: name})
+        site_plans[use.local] = sp
+    plans = tuple(site_plans.values())
     msteps = [
         ClosedForm(sp, {role: sites.params[p].shape for role, p in sp.learned.items()})
-        for sp in site_plans
+        for sp in plans
     ]
-    if fixed:
-        msteps.append(Fixed(tuple(name for name in sites.params if name in fixed)))
+    if found.fixed:
+        msteps.append(Fixed(found.fixed))
     return Plan(
-        tuple(site_plans),
-        paths,
-        sites,
-        burn_in,
-        describe_inputs(args, kwargs, {name: tr_id[name] for name in sites.observed}),
-        stats_per_component=total_stats / k_max,
+        sites=plans,
+        paths={},
+        model_sites=sites,
+        default_burn_in=default_burn_in(found.num_states, list(found.full_dims)),
+        input_spec=found.input_spec,
+        stats_per_component=found.total_stats / found.num_states,
         msteps=tuple(msteps),
     )
+
+
+def report(found: Recognition, plan: Plan) -> dict:
+    """For each estimated site, in the model's order, the M step it takes, in words."""
+    site_plans = {sp.site: sp for sp in plan.sites}
+    paths = {}
+    for name, ps in plan.model_sites.params.items():
+        if name in found.fixed:
+            paths[name] = "fixed at its initial value"
+            continue
+        use = found.uses[name]
+        if use is None:
+            paths[name] = "unused by the data: kept at its initial value"
+            continue
+        fam, role, reparam = use.family, use.role, use.reparam
+        path = f"closed form: {fam.name} {role} of site '{use.local}'"
+        if reparam is not None:
+            path += f" (as a {reparam}: {role} = {fam.reparams[role][reparam].formula})"
+        if use.prior is not None:
+            path += f", posterior mode under its {use.prior.__name__} prior"
+        else:
+            path += ", maximum likelihood"
+        projection = site_plans[use.local].projections.get(role)
+        if projection is not None:
+            how = "isotonic regression" if projection.ordered else "clipping"
+            path += f"; kept in its constraint {ps.constraint} by {how}"
+        paths[name] = path
+    return paths
 
 
 def _component_points(site: dict, grid: tuple, data_axis: int, enumerated: tuple) -> float:
