@@ -1,4 +1,5 @@
-"""Models shared by the tests, written as a NumPyro user would write them."""
+"""Models shared by the tests and the benchmarks (``benchmarks/``), written as a NumPyro
+user would write them. Every global is a ``numpyro.param`` unless it says otherwise."""
 
 import jax.numpy as jnp
 import numpyro
@@ -7,6 +8,7 @@ from numpyro.distributions import constraints
 
 
 def gmm_diag(x, K=3):
+    """Diagonal Gaussian mixture."""
     weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
     locs = numpyro.param("locs", jnp.zeros((K, x.shape[-1])))
     scales = numpyro.param("scales", jnp.ones((K, x.shape[-1])), constraint=constraints.positive)
@@ -16,6 +18,7 @@ def gmm_diag(x, K=3):
 
 
 def gmm_full(x, K=3):
+    """Full-covariance Gaussian mixture."""
     d = x.shape[-1]
     weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
     locs = numpyro.param("locs", jnp.zeros((K, d)))
@@ -28,6 +31,7 @@ def gmm_full(x, K=3):
 
 
 def gmm_dirichlet(x, K=3, alpha=2.0):
+    """Diagonal Gaussian mixture whose weights have a Dirichlet(alpha) prior (MAP)."""
     weights = numpyro.sample("weights", dist.Dirichlet(alpha * jnp.ones(K)))
     locs = numpyro.param("locs", jnp.zeros((K, x.shape[-1])))
     scales = numpyro.param("scales", jnp.ones((K, x.shape[-1])), constraint=constraints.positive)
