@@ -427,12 +427,17 @@ def _update(config, state, arrays, static):
     return core.update(config, state, args, kwargs)
 
 
-def _scan(config, state, arrays, static):
-    def body(s, batch):
-        args, kwargs = merge_args(batch, static)
-        return core.update(config, s, args, kwargs)
+def _scan(config, state, arrays, valid, static):
+    """Updates on stacked batches; a batch whose ``valid`` entry is False (padding of a
+    final partial chunk) leaves the state as it is."""
 
-    return jax.lax.scan(body, state, arrays)
+    def body(s, xs):
+        batch, ok = xs
+        args, kwargs = merge_args(batch, static)
+        new, info = core.update(config, s, args, kwargs)
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, s), info
+
+    return jax.lax.scan(body, state, (arrays, valid))
 
 
 def _loglik(config, state, arrays, static):
@@ -446,7 +451,7 @@ def _marginals(config, state, arrays, static):
 
 
 _update_jit = jax.jit(_update, static_argnums=(0, 3))
-_scan_jit = jax.jit(_scan, static_argnums=(0, 3))
+_scan_jit = jax.jit(_scan, static_argnums=(0, 4))
 _loglik_jit = jax.jit(_loglik, static_argnums=(0, 3))
 _marginals_jit = jax.jit(_marginals, static_argnums=(0, 3))
 _init_state_jit = jax.jit(_init_state, static_argnums=(0, 1, 5))

@@ -14,6 +14,8 @@ size $N$ against the priors of global sites.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
@@ -35,10 +37,14 @@ from numpyro_onlineem.mstep.plan import Plan
 from numpyro_onlineem.mstep.sites import site_grid
 from numpyro_onlineem.schedules import Schedule, default_polyak_start, robbins_monro
 from numpyro_onlineem.state import OnlineEMState, UpdateInfo
+from numpyro_onlineem.static import freeze
 
 
-class Config(NamedTuple):
-    """Static settings of the core (hashable; part of the compiled function).
+@dataclasses.dataclass(frozen=True, eq=False)
+class Config:
+    """Static settings of the core (part of the compiled function), compared and hashed
+    by value (`numpyro_onlineem.static.freeze`): a model given as an equal
+    ``functools.partial`` again, or an equal schedule, finds the compiled update.
 
     Attributes
     ----------
@@ -73,6 +79,22 @@ class Config(NamedTuple):
     polyak_start: float | None
     damping: float | None
     options: MStepOptions
+
+    @functools.cached_property
+    def _key(self) -> tuple:
+        return freeze(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(self._key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        return isinstance(other, Config) and self._hash == other._hash and self._key == other._key
 
 
 def _align(arr: jax.Array, ndim: int) -> jax.Array:

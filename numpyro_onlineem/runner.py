@@ -98,13 +98,16 @@ class _Runner:
     updates, the progress bar, losses and skipped batches."""
 
     SLOW_CHUNK_SECONDS = 1.0
+    # a final partial chunk is padded when that wastes at most this many points' updates
+    # (or as many as it holds): cheaper than compiling a single update (seconds)
+    PAD_POINTS = 65_536
 
     def __init__(self, em, extra: tuple, progress_bar: bool):
         self.em = em
         self.extra = extra
         self.progress_bar = progress_bar
         self.length = em.chunk_size
-        self.timed_lengths = set()
+        self.timed = set()
         self.infos = []
         self.bar = None
 
@@ -216,47 +219,55 @@ class _Runner:
 
     def _flush(self, state, buffer):
         static = buffer[0][1]
-        if len(buffer) < self.length:
-            for arrays, _ in buffer:
-                state = self._single(state, arrays, static)
-            return state
         stacked = [_stack(column) for column in zip(*(b[0] for b in buffer), strict=True)]
         return self._chunk(state, stacked, static, len(buffer))
 
     def _chunk(self, state, stacked, static, length):
-        """``length`` stacked batches: one fused call when ``length`` is the current
-        chunk length, one update at a time otherwise (no compile for a new length)."""
-        if length != self.length:
-            for i in range(length):
-                state = self._single(state, [a[i] for a in stacked], static)
-            return state
+        """``length`` stacked batches in one fused call of the current chunk length: a
+        shorter final chunk is padded with batches that are not applied, so that it
+        needs no compile of its own (unless the padding would cost more updates than
+        `PAD_POINTS` and than the chunk itself: then one update at a time)."""
+        points = _batch_points(stacked[0], 1)
+        if length < self.length:
+            wasted = (self.length - length) * points
+            if wasted > max(length * points, self.PAD_POINTS):
+                for i in range(length):
+                    state = self._single(state, [a[i] for a in stacked], static)
+                return state
+            stacked = [_pad(a, self.length) for a in stacked]
+        valid = np.arange(self.length) < length
         start = time.perf_counter()
-        state, infos = self.em._scan_jit(state, stacked, static)
-        self._record(infos, length * _batch_points(stacked[0], 1))
+        state, infos = self.em._scan_jit(state, stacked, valid, static)
+        self._record(infos, length * points, length)
         elapsed = time.perf_counter() - start
-        if length in self.timed_lengths and elapsed > self.SLOW_CHUNK_SECONDS and length > 1:
+        if self.length in self.timed and elapsed > self.SLOW_CHUNK_SECONDS and self.length > 1:
             # a fused call this slow would leave the progress bar still: shorter ones
             # (one more compile, only for updates that take this long anyway)
-            self.length = max(1, 2 ** int(np.log2(length * 0.5 / elapsed)))
-        self.timed_lengths.add(length)
+            self.length = max(1, 2 ** int(np.log2(self.length * 0.5 / elapsed)))
+        self.timed.add(self.length)
         return state
 
     def _single(self, state, arrays, static):
         state, info = self.em._update_jit(state, arrays, static)
-        self._record(info, _batch_points(arrays[0], 0))
+        self._record(info, _batch_points(arrays[0], 0), None)
         return state
 
-    def _record(self, infos, points: int) -> None:
-        """Keep a fused call's or an update's info (on the device: read at the end)."""
-        self.infos.append(infos)
+    def _record(self, infos, points: int, length: int | None) -> None:
+        """Keep a fused call's (its first ``length`` updates) or an update's info (on the
+        device: read at the end)."""
+        self.infos.append((infos, length))
         if self.bar is not None:
             self.bar.update(points)
-            self.bar.set_postfix(loss=f"{float(jnp.nanmean(infos.loss)):.4f}", refresh=False)
+            loss = np.asarray(infos.loss)
+            loss = loss[:length] if length is not None else loss
+            self.bar.set_postfix(loss=f"{float(np.nanmean(loss)):.4f}", refresh=False)
 
     def result(self, state) -> OnlineEMRunResult:
-        flat = lambda xs: np.concatenate([np.atleast_1d(np.asarray(x)) for x in xs])
-        losses = flat([i.loss for i in self.infos]) if self.infos else np.zeros((0,))
-        bad = [i.nonfinite | i.out_of_support for i in self.infos]
+        flat = lambda xs: np.concatenate(
+            [np.atleast_1d(np.asarray(x))[:n] for x, n in xs]  # n=None: all
+        )
+        losses = flat([(i.loss, n) for i, n in self.infos]) if self.infos else np.zeros((0,))
+        bad = [(np.asarray(i.nonfinite) | np.asarray(i.out_of_support), n) for i, n in self.infos]
         skipped = np.flatnonzero(flat(bad)) if bad else []
         losses = jnp.asarray(losses)
         if len(skipped):
@@ -289,6 +300,14 @@ def _batch_points(array, axis: int) -> int:
     """Points in a batch (``axis`` 0) or in each batch of a stack (``axis`` 1)."""
     shape = np.shape(array)
     return int(shape[axis]) if len(shape) > axis else 1
+
+
+def _pad(stacked, length: int):
+    """Stacked batches padded to ``length`` with copies of the last one."""
+    pad = length - stacked.shape[0]
+    if isinstance(stacked, np.ndarray):
+        return np.concatenate([stacked, np.repeat(stacked[-1:], pad, axis=0)])
+    return jnp.concatenate([stacked, jnp.repeat(stacked[-1:], pad, axis=0)])
 
 
 def _stack(arrays) -> Any:

@@ -12,6 +12,7 @@ maps, NumPyro constraints, registered families) into one hashable key.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -22,7 +23,8 @@ from numpyro.distributions import constraints
 def freeze(x: Any) -> Any:
     """A hashable key equal for equal values: containers by content and order, arrays by
     shape, dtype and bytes, NumPyro constraints by type and arguments, other objects
-    (functions, registered families) by themselves."""
+    (functions, registered families) by themselves; a ``functools.partial`` by its
+    function and bound arguments."""
     if x is None or isinstance(x, bool | int | float | str | bytes | np.generic):
         return x
     if isinstance(x, np.ndarray | jax.Array):
@@ -36,6 +38,8 @@ def freeze(x: Any) -> Any:
         return ("dict", *((k, freeze(v)) for k, v in x.items()))
     if isinstance(x, frozenset | set):
         return ("set", *sorted(map(freeze, x), key=repr))
+    if isinstance(x, functools.partial):  # a model with some arguments bound
+        return ("partial", freeze(x.func), freeze(x.args), freeze(x.keywords))
     if isinstance(x, constraints.Constraint):
         # numpyro's parametrised constraints (interval, ...) define == but no hash
         return ("constraint", type(x).__qualname__, freeze(dict(sorted(vars(x).items()))))

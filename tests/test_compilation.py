@@ -218,3 +218,36 @@ def test_a_second_process_reads_the_compiled_update_from_the_cache(tmp_path):
     assert misses2 == 0 and hits2 >= 1
     assert locs1 == locs2
     np.testing.assert_allclose(np.array(locs2.strip("[]").split(), float), [0.0, 6.0], atol=0.2)
+
+
+def test_equal_partial_models_share_the_compiled_update(rng):
+    import functools
+
+    x = _blobs(rng, 1000)
+    first = OnlineEM(functools.partial(gmm_diag, K=3))
+    first.run(jax.random.PRNGKey(0), x, batch_size=100, progress_bar=False)
+    with _Compiles() as counted:
+        again = OnlineEM(functools.partial(gmm_diag, K=3))
+        again.run(jax.random.PRNGKey(0), x, batch_size=100, progress_bar=False)
+    assert counted.traces == []
+    assert first.config == again.config
+    assert OnlineEM(functools.partial(gmm_diag, K=4)).config != first.config
+
+
+def test_a_final_partial_chunk_compiles_no_update_of_its_own(rng):
+    x = _blobs(rng, 2350)
+    em = OnlineEM(gmm_diag, chunk_size=8)
+    with _Compiles() as counted:
+        # 2,100 points after the 250 of init: two chunks of 8 batches, then 5 batches
+        result = em.run(
+            jax.random.PRNGKey(0), x, batch_size=100, init_points=250, progress_bar=False
+        )
+    assert "_scan" in counted.traces and "_update" not in counted.traces
+    assert result.losses.shape == (21,)
+    # the padding is not applied: the same state as one update at a time
+    state = em.init(jax.random.PRNGKey(0), x[:250])
+    for i in range(21):
+        state, loss = em.update(state, x[250 + 100 * i : 350 + 100 * i])
+    np.testing.assert_allclose(result.losses[-1], loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
