@@ -119,15 +119,32 @@ def _kmeans_once(rng: np.random.Generator, x: np.ndarray, k: int, num_iters: int
         if assign is not None and np.array_equal(new_assign, assign):
             break
         assign = new_assign
-        counts = np.bincount(assign, minlength=k)
-        sums = np.zeros_like(centers)
-        np.add.at(sums, assign, x)
+        onehot = assign[:, None] == np.arange(k)[None]
+        counts = onehot.sum(0)
+        sums = onehot.T.astype(x.dtype) @ x
         filled = counts > 0
         centers[filled] = sums[filled] / counts[filled, None]
     inertia = float(np.sum(np.maximum(np.min(dist(centers), -1), 0.0)))
     if n < k:
         centers = centers + 1e-3 * (x.std(0) + 1e-12) * rng.standard_normal(centers.shape)
     return centers, inertia
+
+
+SMALL_KMEANS_WORK = 1e6
+"""``n k D`` up to which the init's k-means++ takes 50 restarts instead of 10."""
+
+
+def init_restarts(n: int, k: int, d: int) -> int:
+    """Restarts of the init's k-means++: 50 for a small problem (``n k D`` up to
+    `SMALL_KMEANS_WORK`, a fraction of a second on the host), else 10.
+
+    In many dimensions one k-means++ run rarely finds the best clustering of a few
+    hundred points: on 256 points of a D=64, K=10 mixture (Dirichlet(5) weights), 3-5 %
+    of single runs reached the lowest inertia, and online EM does not undo a merged
+    pair of components. From 10 restarts, 3 of 6 default fits of the fresh-fit benchmark
+    ended 0.45 nats/point short of the batch optimum; from 50, all 6 reached it.
+    """
+    return 50 if n * k * d <= SMALL_KMEANS_WORK else 10
 
 
 def _orders_components(constraint, block_map: np.ndarray, shape: tuple) -> bool:
@@ -215,7 +232,8 @@ def data_driven_init(
                     f"'{pname}': ...}}, or use OnlineEM(..., init='model')."
                 )
             pts = np.broadcast_to(np.asarray(value), (npts,) + right_event)
-            centers = _kmeans(rng, pts.reshape((npts, -1)).astype(blocks.dtype), k, 50, 10)
+            pts = pts.reshape((npts, -1)).astype(blocks.dtype)
+            centers = _kmeans(rng, pts, k, 50, init_restarts(npts, k, pts.shape[1]))
             centers = np.asarray(fam.from_centers(role, centers, options))
             if _orders_components(site_info.constraint, bm_k, shape):
                 centers = centers[np.argsort(centers[:, 0])]
