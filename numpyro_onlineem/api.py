@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -398,23 +399,31 @@ def _in_support(plan, params: dict, given: frozenset) -> dict:
     """Initial values inside their sites' constraints: a data-driven start is projected
     (`numpyro_onlineem.mstep.constraints`, equal weights); any other value outside its
     constraint is an error, since the user or the model chose it."""
-    projections = {
-        sp.learned[role]: proj for sp in plan.sites for role, proj in sp.projections.items()
-    }
-    out = dict(params)
+    out, ok = _project_and_check(plan, given, params)
     for name, ps in plan.model_sites.params.items():
-        value = out[name]
-        if name not in given and name in projections:
-            value = projections[name](value, None)
-        if not bool(np.all(np.asarray(ps.constraint(value)))):
+        if not bool(ok[name]):
             source = {"param": "the model's initial value", "global": "drawn from its prior"}
             where = "given in init_params" if name in given else source[ps.kind]
             raise ValueError(
                 f"OnlineEM.init: the initial value of site '{name}' ({where}) is outside "
-                f"its constraint {ps.constraint}: {np.asarray(value)}."
+                f"its constraint {ps.constraint}: {np.asarray(out[name])}."
             )
-        out[name] = value
     return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _project_and_check(plan, given: frozenset, params: dict) -> tuple[dict, dict]:
+    """`_in_support`'s arrays, in one compiled call: the projected values, and whether
+    each site's value satisfies its constraint."""
+    projections = {
+        sp.learned[role]: proj for sp in plan.sites for role, proj in sp.projections.items()
+    }
+    out, ok = dict(params), {}
+    for name, ps in plan.model_sites.params.items():
+        if name not in given and name in projections:
+            out[name] = projections[name](out[name], None)
+        ok[name] = jnp.all(ps.constraint(out[name]))
+    return out, ok
 
 
 def _init_state(config, plan, params, rng_key, arrays, static):
@@ -427,17 +436,22 @@ def _update(config, state, arrays, static):
     return core.update(config, state, args, kwargs)
 
 
-def _scan(config, state, arrays, valid, static):
-    """Updates on stacked batches; a batch whose ``valid`` entry is False (padding of a
-    final partial chunk) leaves the state as it is."""
+def _scan(config, state, arrays, length, static):
+    """Updates on the first ``length`` of the stacked batches (a final partial chunk is
+    padded to the chunk's length; its padding is never read): one compiled loop for
+    every length up to the chunk's, with no per-update mask on the state."""
+    num = jax.tree.leaves(arrays)[0].shape[0]
+    take = lambda i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), arrays)
+    shapes = jax.eval_shape(lambda s, b: _update(config, s, b, static)[1], state, take(0))
+    infos = jax.tree.map(lambda x: jnp.zeros((num,) + x.shape, x.dtype), shapes)
 
-    def body(s, xs):
-        batch, ok = xs
-        args, kwargs = merge_args(batch, static)
-        new, info = core.update(config, s, args, kwargs)
-        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, s), info
+    def body(i, carry):
+        s, infos = carry
+        s, info = _update(config, s, take(i), static)
+        infos = jax.tree.map(lambda buf, v: buf.at[i].set(v), infos, info)
+        return s, infos
 
-    return jax.lax.scan(body, state, (arrays, valid))
+    return jax.lax.fori_loop(0, length, body, (state, infos))
 
 
 def _loglik(config, state, arrays, static):

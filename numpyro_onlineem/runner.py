@@ -235,9 +235,8 @@ class _Runner:
                     state = self._single(state, [a[i] for a in stacked], static)
                 return state
             stacked = [_pad(a, self.length) for a in stacked]
-        valid = np.arange(self.length) < length
         start = time.perf_counter()
-        state, infos = self.em._scan_jit(state, stacked, valid, static)
+        state, infos = self.em._scan_jit(state, stacked, np.int32(length), static)
         self._record(infos, length * points, length)
         elapsed = time.perf_counter() - start
         if self.length in self.timed and elapsed > self.SLOW_CHUNK_SECONDS and self.length > 1:

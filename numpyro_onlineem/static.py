@@ -44,3 +44,20 @@ def freeze(x: Any) -> Any:
         # numpyro's parametrised constraints (interval, ...) define == but no hash
         return ("constraint", type(x).__qualname__, freeze(dict(sorted(vars(x).items()))))
     return x
+
+
+class Static:
+    """A value made hashable by `freeze`, for ``jit``'s static arguments (NumPyro's
+    parametrised constraints define ``==`` but no hash)."""
+
+    __slots__ = ("value", "_key")
+
+    def __init__(self, value: Any):
+        self.value = value
+        self._key = freeze(value)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Static) and self._key == other._key

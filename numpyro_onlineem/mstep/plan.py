@@ -40,7 +40,7 @@ from numpyro_onlineem.mstep.constraints import plan_projection
 from numpyro_onlineem.mstep.fixed import Fixed
 from numpyro_onlineem.mstep.sites import SitePlan, log_prob_shape, site_grid
 from numpyro_onlineem.schedules import default_burn_in, default_kappa, default_polyak
-from numpyro_onlineem.static import freeze
+from numpyro_onlineem.static import Static, freeze
 from numpyro_onlineem.validation import InputSpec, describe_inputs
 
 
@@ -149,7 +149,15 @@ def _random_valid(shape, constraint, key, dtype):
     except NotImplementedError as e:
         raise UnsupportedModelError(f"no bijection to the support {constraint}") from e
     unconstrained = transform.inverse_shape(shape)
-    return np.asarray(transform(jnp.asarray(0.5 * key.standard_normal(unconstrained), dtype)))
+    u = (0.5 * key.standard_normal(unconstrained)).astype(dtype)
+    return np.asarray(_to_support(Static(constraint), u))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _to_support(constraint: Static, u: jax.Array) -> jax.Array:
+    """``biject_to(constraint)(u)`` in one compiled call (op by op it compiles a program
+    per operation, a tenth of a second each on the CPU)."""
+    return biject_to(constraint.value)(u)
 
 
 class SiteUse(NamedTuple):
