@@ -436,22 +436,11 @@ def _update(config, state, arrays, static):
     return core.update(config, state, args, kwargs)
 
 
-def _scan(config, state, arrays, length, static):
-    """Updates on the first ``length`` of the stacked batches (a final partial chunk is
-    padded to the chunk's length; its padding is never read): one compiled loop for
-    every length up to the chunk's, with no per-update mask on the state."""
-    num = jax.tree.leaves(arrays)[0].shape[0]
-    take = lambda i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), arrays)
-    shapes = jax.eval_shape(lambda s, b: _update(config, s, b, static)[1], state, take(0))
-    infos = jax.tree.map(lambda x: jnp.zeros((num,) + x.shape, x.dtype), shapes)
+def _scan(config, state, arrays, static):
+    def body(s, batch):
+        return _update(config, s, batch, static)
 
-    def body(i, carry):
-        s, infos = carry
-        s, info = _update(config, s, take(i), static)
-        infos = jax.tree.map(lambda buf, v: buf.at[i].set(v), infos, info)
-        return s, infos
-
-    return jax.lax.fori_loop(0, length, body, (state, infos))
+    return jax.lax.scan(body, state, arrays)
 
 
 def _loglik(config, state, arrays, static):
@@ -465,7 +454,7 @@ def _marginals(config, state, arrays, static):
 
 
 _update_jit = jax.jit(_update, static_argnums=(0, 3))
-_scan_jit = jax.jit(_scan, static_argnums=(0, 4))
+_scan_jit = jax.jit(_scan, static_argnums=(0, 3))
 _loglik_jit = jax.jit(_loglik, static_argnums=(0, 3))
 _marginals_jit = jax.jit(_marginals, static_argnums=(0, 3))
 _init_state_jit = jax.jit(_init_state, static_argnums=(0, 1, 5))

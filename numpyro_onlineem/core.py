@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from numpyro.distributions import constraints
 
 from numpyro_onlineem.estep.enumerate import num_data
 from numpyro_onlineem.families import MStepOptions
@@ -33,6 +34,7 @@ from numpyro_onlineem.model import (
     random_indices,
 )
 from numpyro_onlineem.mstep.base import EStepBatch, MStepContext
+from numpyro_onlineem.mstep.constraints import base_constraint
 from numpyro_onlineem.mstep.plan import Plan
 from numpyro_onlineem.mstep.sites import site_grid
 from numpyro_onlineem.schedules import Schedule, default_polyak_start, robbins_monro
@@ -312,11 +314,18 @@ def update(
 
 
 def observed_in_support(trace, sites: ModelSites) -> jax.Array:
-    """Whether every observed value lies in its site's support (bool, shape ())."""
+    """Whether every observed value lies in its site's support (bool, shape ()).
+
+    Real-valued supports are left to the finite-loss guard of `update` (a value in
+    them is any finite number, and a non-finite one makes the loss non-finite): a pass
+    over every element of the batch saved at every update."""
     ok = jnp.asarray(True)
     for name in sites.observed:
         site = trace[name]
-        ok = ok & jnp.all(site["fn"].support(site["value"]))
+        support = site["fn"].support
+        if base_constraint(support) in (constraints.real, constraints.real_vector):
+            continue
+        ok = ok & jnp.all(support(site["value"]))
     return ok
 
 

@@ -98,8 +98,9 @@ class _Runner:
     updates, the progress bar, losses and skipped batches."""
 
     SLOW_CHUNK_SECONDS = 1.0
-    # a final partial chunk is padded when that wastes at most this many points' updates
-    # (or as many as it holds): cheaper than compiling a single update (seconds)
+    # a final partial chunk is padded (with NaN batches, skipped) when that wastes at
+    # most this many points' updates (or as many as it holds): cheaper than compiling a
+    # single update (seconds)
     PAD_POINTS = 65_536
 
     def __init__(self, em, extra: tuple, progress_bar: bool):
@@ -223,20 +224,32 @@ class _Runner:
         return self._chunk(state, stacked, static, len(buffer))
 
     def _chunk(self, state, stacked, static, length):
-        """``length`` stacked batches in one fused call of the current chunk length: a
-        shorter final chunk is padded with batches that are not applied, so that it
-        needs no compile of its own (unless the padding would cost more updates than
-        `PAD_POINTS` and than the chunk itself: then one update at a time)."""
+        """``length`` stacked batches in one fused call of the current chunk length.
+
+        A shorter final chunk is padded with batches of NaN, which the update skips
+        (a non-finite loss leaves the state exactly as it was), so that it needs no
+        compile of its own. Padding is used only when every stacked array is floating
+        point, and when it wastes at most `PAD_POINTS` points' updates (or as many as
+        the chunk holds); the padded updates are checked to have been skipped (a model
+        that ignored the NaN would have applied them), else the chunk runs one update
+        at a time from the state before it."""
         points = _batch_points(stacked[0], 1)
         if length < self.length:
             wasted = (self.length - length) * points
-            if wasted > max(length * points, self.PAD_POINTS):
-                for i in range(length):
-                    state = self._single(state, [a[i] for a in stacked], static)
-                return state
-            stacked = [_pad(a, self.length) for a in stacked]
+            floating = all(np.issubdtype(np.asarray(a[:0]).dtype, np.floating) for a in stacked)
+            if not floating or wasted > max(length * points, self.PAD_POINTS):
+                return self._singles(state, stacked, static, length)
+            padded = [_pad_nan(a, self.length) for a in stacked]
+            new, infos = self.em._scan_jit(state, padded, static)
+            skipped = (
+                np.asarray(infos.nonfinite)[length:] | np.asarray(infos.out_of_support)[length:]
+            )
+            if not skipped.all():
+                return self._singles(state, stacked, static, length)
+            self._record(infos, length * points, length)
+            return new
         start = time.perf_counter()
-        state, infos = self.em._scan_jit(state, stacked, np.int32(length), static)
+        state, infos = self.em._scan_jit(state, stacked, static)
         self._record(infos, length * points, length)
         elapsed = time.perf_counter() - start
         if self.length in self.timed and elapsed > self.SLOW_CHUNK_SECONDS and self.length > 1:
@@ -244,6 +257,11 @@ class _Runner:
             # (one more compile, only for updates that take this long anyway)
             self.length = max(1, 2 ** int(np.log2(self.length * 0.5 / elapsed)))
         self.timed.add(self.length)
+        return state
+
+    def _singles(self, state, stacked, static, length):
+        for i in range(length):
+            state = self._single(state, [a[i] for a in stacked], static)
         return state
 
     def _single(self, state, arrays, static):
@@ -301,12 +319,11 @@ def _batch_points(array, axis: int) -> int:
     return int(shape[axis]) if len(shape) > axis else 1
 
 
-def _pad(stacked, length: int):
-    """Stacked batches padded to ``length`` with copies of the last one."""
-    pad = length - stacked.shape[0]
-    if isinstance(stacked, np.ndarray):
-        return np.concatenate([stacked, np.repeat(stacked[-1:], pad, axis=0)])
-    return jnp.concatenate([stacked, jnp.repeat(stacked[-1:], pad, axis=0)])
+def _pad_nan(stacked, length: int):
+    """Stacked batches padded to ``length`` with batches of NaN (on the host)."""
+    stacked = np.asarray(stacked)
+    pad = np.full((length - stacked.shape[0],) + stacked.shape[1:], np.nan, stacked.dtype)
+    return np.concatenate([stacked, pad])
 
 
 def _stack(arrays) -> Any:

@@ -251,3 +251,19 @@ def test_a_final_partial_chunk_compiles_no_update_of_its_own(rng):
     np.testing.assert_allclose(result.losses[-1], loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_that_a_model_would_not_skip_falls_back_to_single_updates(rng):
+    def nan_blind(x, K=3):  # reads NaN as 0: a padded batch would count as data
+        gmm_diag(jnp.nan_to_num(x), K)
+
+    x = _blobs(rng, 2350)
+    em = OnlineEM(nan_blind, chunk_size=8)
+    result = em.run(jax.random.PRNGKey(0), x, batch_size=100, init_points=250, progress_bar=False)
+    state = em.init(jax.random.PRNGKey(0), x[:250])
+    for i in range(21):
+        state, _ = em.update(state, x[250 + 100 * i : 350 + 100 * i])
+    assert result.losses.shape == (21,)
+    assert float(result.state.num_seen) == 2350.0
+    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
