@@ -70,7 +70,7 @@ class OnlineEM:
     damping : float, optional
         Pseudo-points $\nu$ of the damped M step: a parameter block whose statistics
         rest on $m$ effective points moves from its value toward the M step's by
-        $m / (m + \nu)$ (see `numpyro_onlineem.core.damped`), so that a component seen
+        $m / (m + \nu)$ (see `numpyro_onlineem.mstep.closed_form.damped`), so that a component seen
         through a handful of points in many dimensions does not jump to where those
         points lie and lose its data. Default: the data dimension of a component (``D``
         for a ``D``-dimensional Gaussian) with the default schedule, ``0`` (plain M

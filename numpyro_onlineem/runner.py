@@ -236,7 +236,7 @@ class _Runner:
         points = _batch_points(stacked[0], 1)
         if length < self.length:
             wasted = (self.length - length) * points
-            floating = all(np.issubdtype(np.asarray(a[:0]).dtype, np.floating) for a in stacked)
+            floating = all(np.issubdtype(a.dtype, np.floating) for a in stacked)
             if not floating or wasted > max(length * points, self.PAD_POINTS):
                 return self._singles(state, stacked, static, length)
             padded = [_pad_nan(a, self.length) for a in stacked]

@@ -17,6 +17,12 @@ source:
 
 Every position of a site is then assigned a *cell*: the distinct combination of
 parameter blocks it reads. Statistics are accumulated per cell.
+
+`make_plan` runs three steps, data flowing one way: `recognise` (the probes: how each
+estimated site is used, refusing what no M step covers), `build` (the immutable,
+value-hashed `Plan`: projections, priors, the M steps in order, the defaults), and
+`report` (`Plan.paths`, the words `OnlineEM.mstep_paths` returns). A new M-step path
+is one more kind of use for `recognise` and one more `MStep` for `build`.
 """
 
 from __future__ import annotations

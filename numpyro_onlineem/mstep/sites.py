@@ -48,7 +48,7 @@ class SitePlan(NamedTuple):
     component_points : float
         The data elements of one data point that one state of the enumerated latents
         describes (``D`` for a ``D``-dimensional Gaussian component): the default
-        pseudo-points of the damped M step (`numpyro_onlineem.core.damped`).
+        pseudo-points of the damped M step (`numpyro_onlineem.mstep.closed_form.damped`).
     """
 
     site: str
