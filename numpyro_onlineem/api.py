@@ -215,7 +215,10 @@ class OnlineEM:
         check_observed(trace, sites, "init")
         batch, total = num_data(trace, sites)
         if batch != total:
-            sites = sites._replace(reads_subsample=reads_subsample(self.model, sites, args, kwargs))
+            sites = sites._replace(
+                reads_subsample=reads_subsample(self.model, sites, args, kwargs),
+                sized_by_batch=False,
+            )
         for what, names in (("init_params", init_params), ("OnlineEM(mstep=...)", self.mstep)):
             unknown = set(names) - set(sites.params)
             if unknown:
@@ -359,20 +362,23 @@ class OnlineEM:
             init_points=init_points,
         )
 
-    def _init_points(self, call, extra, init_points) -> int:
+    def _init_points(self, call, extra, init_points, plan=None) -> int:
         """Points `run` gives `init`: ``init_points``, or the plan's default burn-in and
         at least ``step_points``."""
         if init_points is not None:
             if int(init_points) < 1:
                 raise ValueError(f"OnlineEM.run: init_points must be >= 1, got {init_points}.")
             return int(init_points)
-        args, kwargs = with_extra(call, extra)
-        plan = self._plan(jax.random.PRNGKey(0), args, kwargs, {})
+        if plan is None:
+            plan = self._plan(jax.random.PRNGKey(0), *with_extra(call, extra), {})
         return int(max(plan.default_burn_in, self.config.step_points))
 
     def _plan(self, rng_key, args, kwargs, init_params):
+        """The plan `init` would make on this call (no data-driven start)."""
         trace = trace_model(self.model, args, kwargs, init_params, rng_key)
         sites = classify_sites(trace, self.data_plate)
+        batch, total = num_data(trace, sites)
+        sites = sites._replace(sized_by_batch=batch == total)
         dtype = jnp.result_type(float)
         params = {name: jnp.asarray(trace[name]["value"], dtype) for name in sites.params}
         fixed = frozenset(name for name, path in self.mstep.items() if path == "fixed")

@@ -204,12 +204,27 @@ def init_state(
         mstep_states={m.name: m.init(params) for m in plan.msteps},
         shifts=batch.estep.shifts,
         averaged=params,
+        averaged_residual=jax.tree.map(jnp.zeros_like, params),
         count=jnp.zeros((), jnp.int32),
         num_seen=jnp.asarray(batch.estep.batch_size, jnp.result_type(float)),
         weight_sq=jnp.asarray(1.0 / batch.estep.batch_size, jnp.result_type(float)),
         rng_key=rng_key,
         plan=plan,
     )
+
+
+def compensated_add(total: jax.Array, residual: jax.Array, increment: jax.Array):
+    r"""``total + increment`` with Kahan's compensation: ``(new total, new residual)``.
+
+    The Polyak average moves by ever smaller increments $w_n (\theta_n - \bar\theta)$;
+    in float32 a location 10^4 from the origin has a resolution of 10^-3, and an
+    increment below half of it would be lost each time, freezing the average at an
+    early iterate. The residual keeps the low-order part that the rounding dropped and
+    adds it back with the next increment, so the average accumulates them exactly.
+    """
+    y = increment - residual
+    new = total + y
+    return new, (new - total) - y
 
 
 def batch_step(
@@ -285,17 +300,29 @@ def update(
             start = default_polyak_start(config.step_points, burn_in)
         weight = jnp.where(seen > start, batch_size / jnp.maximum(seen - start, 1.0), 1.0)
         weight = jnp.where(finite, jnp.minimum(weight, 1.0), 0.0)
-        averaged = jax.tree.map(
-            lambda a, p: a + weight.astype(p.dtype) * (p - a), state.averaged, params
+        pairs = jax.tree.map(
+            lambda a, c, p: compensated_add(a, c, weight.astype(p.dtype) * (p - a)),
+            state.averaged,
+            state.averaged_residual,
+            params,
+        )
+        outer = jax.tree.structure(state.averaged)
+        averaged, residual = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+        # a skipped batch leaves the average as it was (the residual would otherwise be
+        # folded in)
+        averaged = jax.tree.map(lambda n, o: jnp.where(finite, n, o), averaged, state.averaged)
+        residual = jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), residual, state.averaged_residual
         )
     else:
-        averaged = params
+        averaged, residual = params, state.averaged_residual
     new_state = OnlineEMState(
         params=params,
         stats=stats,
         mstep_states=mstep_states,
         shifts=state.shifts,
         averaged=averaged,
+        averaged_residual=residual,
         count=state.count + finite.astype(state.count.dtype),
         num_seen=jnp.where(finite, seen, state.num_seen),
         weight_sq=weight_sq,

@@ -85,6 +85,10 @@ class ModelSites(NamedTuple):
         Whether the observed values are read through the data plate's subsample
         indices (``with plate("data", N, subsample_size=B) as idx: ... obs=x[idx]``, the
         full data passed at every update): each update then draws fresh indices.
+    sized_by_batch : bool
+        Whether the data plate's size is the batch's own (``plate("data", x.shape[0])``)
+        rather than a declared data-set size ``N`` (``subsample_size``): priors of global
+        sites are then weighed against each batch as if it were the whole data set.
     """
 
     params: dict
@@ -94,6 +98,7 @@ class ModelSites(NamedTuple):
     data_plate: str
     max_plate_nesting: int
     reads_subsample: bool = False
+    sized_by_batch: bool = True
 
 
 def _frames(site: dict) -> list:

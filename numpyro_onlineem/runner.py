@@ -160,7 +160,10 @@ class _Runner:
             point = self.em._is_single_point(call, self.extra)
             if point:
                 call = add_batch_axis(call)
-            wanted = self.em._init_points(call, self.extra, init_points)
+            plan = self.em._plan(jax.random.PRNGKey(0), *with_extra(call, self.extra), {})
+            if point:
+                _check_prior_weight(plan)
+            wanted = self.em._init_points(call, self.extra, init_points, plan)
         calls, seen = [call], num_points(call)
         while seen < wanted:
             item = next(items, None)
@@ -317,6 +320,27 @@ def _batch_points(array, axis: int) -> int:
     """Points in a batch (``axis`` 0) or in each batch of a stack (``axis`` 1)."""
     shape = np.shape(array)
     return int(shape[axis]) if len(shape) > axis else 1
+
+
+def _check_prior_weight(plan) -> None:
+    """Single points and priors weighed against the batch's own size: refused.
+
+    With ``plate("data", x.shape[0])`` the data plate's size is each batch's, and the
+    M step weighs a global site's prior against it as if the batch were the whole data
+    set: against one point for a single point, so the prior would dominate the fit (the
+    locations of a mixture all end at the prior's mean)."""
+    with_prior = [name for sp in plan.sites for name in sp.priors.values()]
+    if with_prior and plan.model_sites.sized_by_batch:
+        plate = plan.model_sites.data_plate
+        raise ValueError(
+            f"OnlineEM.run: the stream holds single points, and the priors of "
+            f"{sorted(set(with_prior))} are weighed against the size of the data plate "
+            f"'{plate}', which is each batch's own (1 for a single point): every update "
+            "would weigh the prior against one point, and the prior would dominate the "
+            f"fit. Declare the size of the data set: numpyro.plate('{plate}', N, "
+            "subsample_size=x.shape[0]) and pass N (em.run(key, stream, N=...)); or "
+            "declare these sites with numpyro.param (maximum likelihood)."
+        )
 
 
 def _pad_nan(stacked, length: int):

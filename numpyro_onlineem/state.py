@@ -33,6 +33,10 @@ class OnlineEMState(NamedTuple):
     averaged : dict[str, Array]
         Polyak–Ruppert average of ``params`` (equal to ``params`` when averaging is off
         or has not started). `OnlineEM.get_params` returns it.
+    averaged_residual : dict[str, Array]
+        The low-order part of ``averaged`` lost to rounding (Kahan's compensation,
+        `numpyro_onlineem.core.compensated_add`): float32 increments of an average far
+        from the origin would otherwise be lost.
     count : Array, int32, shape ()
         Number of updates applied.
     num_seen : Array, float, shape ()
@@ -53,6 +57,7 @@ class OnlineEMState(NamedTuple):
     mstep_states: dict
     shifts: dict
     averaged: dict
+    averaged_residual: dict
     count: jax.Array
     num_seen: jax.Array
     weight_sq: jax.Array

@@ -91,3 +91,26 @@ def test_loss_is_negative_mean_log_likelihood_before_update(rng, x64):
     )
     _, loss = em.update(state, x[10:])
     np.testing.assert_allclose(loss, -logsumexp(logp, 1).mean(), rtol=1e-10)
+
+
+def test_polyak_average_far_from_the_origin_keeps_moving(rng):
+    """float32 locations 1e4 from the origin have a resolution of 1e-3: late increments
+    of the Polyak average are smaller and were lost (the average froze at an early
+    iterate, 0.057 from the same fit on centred data). Kahan's compensation keeps them:
+    the two fits agree to the data's float32 resolution."""
+    import functools
+
+    d, k, n = 8, 3, 60_000
+    centres = np.array([[0.0] * d, [3.0] * d, [-3.0] * d])
+    z = rng.choice(k, n, p=[0.3, 0.3, 0.4])
+    x = (centres[z] + rng.normal(size=(n, d))).astype(np.float32)
+    fits = {}
+    for offset in (0.0, 1e4):
+        em = OnlineEM(functools.partial(gmm_diag, K=k))
+        result = em.run(
+            jax.random.PRNGKey(0), (x + offset).astype(np.float32), batch_size=20,
+            progress_bar=False,
+        )  # fmt: skip
+        locs = np.asarray(result.params["locs"], np.float64) - offset
+        fits[offset] = locs[np.argsort(locs[:, 0])]
+    np.testing.assert_allclose(fits[1e4], fits[0.0], atol=2e-3)

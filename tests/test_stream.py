@@ -5,10 +5,12 @@ import itertools
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from numpyro.distributions import constraints
 from sklearn.mixture import GaussianMixture
 
 from numpyro_onlineem import OnlineEM
@@ -171,3 +173,28 @@ def test_subsampling_plate_draws_fresh_indices_every_update(rng):
     assert result.losses.shape == (20,)
     with pytest.raises(ValueError, match="draws its mini-batches itself"):
         em.run(jax.random.PRNGKey(0), train, batch_size=100, progress_bar=False)
+
+
+def _prior_mixture(x, N=None, K=3):
+    """Priors on the weights and locations; ``N=None``: the plate is the batch's size."""
+    weights = numpyro.sample("weights", dist.Dirichlet(jnp.ones(K)))
+    locs = numpyro.sample("locs", dist.Normal(0.0, 1.0).expand([K]).to_event(1))
+    scales = numpyro.param("scales", jnp.ones(K), constraint=constraints.positive)
+    size = x.shape[0] if N is None else N
+    with numpyro.plate("data", size, subsample_size=x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("obs", dist.Normal(locs[z], scales[z]), obs=x)
+
+
+def test_single_points_with_priors_weighed_per_batch_are_refused(rng):
+    z = rng.choice(3, 8000, p=[0.2, 0.5, 0.3])
+    x = (np.array([4.0, -2.0, 1.0])[z] + 0.7 * rng.normal(size=8000)).astype(np.float32)
+    # the prior would be weighed against one point: every location at the prior's mean
+    with pytest.raises(ValueError, match=r"numpyro.plate\('data', N, subsample_size"):
+        OnlineEM(_prior_mixture).run(jax.random.PRNGKey(0), (p for p in x), progress_bar=False)
+    # with the data set's size declared, single points fit the mixture (NumPy reference:
+    # the true means, which the posterior mode of 8,000 points sits next to)
+    result = OnlineEM(_prior_mixture).run(
+        jax.random.PRNGKey(0), (p for p in x), N=len(x), progress_bar=False
+    )
+    np.testing.assert_allclose(np.sort(result.params["locs"]), [-2.0, 1.0, 4.0], atol=0.1)
