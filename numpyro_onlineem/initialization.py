@@ -6,8 +6,9 @@ that is the *location-like* parameter of a component (``Normal``/``MultivariateN
 ``loc``, ``Poisson``/``Exponential`` ``rate``, ``Bernoulli`` ``probs``, indexed by an
 enumerated latent):
 
-* ``init="auto"`` (default): the site is set from k-means++ centres (then 50 Lloyd
-  iterations, best of 10 restarts) over the init batch **unless** its initial value was
+* ``init="auto"`` (default): the site is set from k-means++ centres (then up to 50
+  Lloyd iterations, best of 10 or 50 restarts, `init_restarts`; on the host, in NumPy)
+  over the init batch **unless** its initial value was
   chosen on purpose: a ``numpyro.param`` whose initial value differs across
   components. A placeholder such as ``jnp.zeros((K, D))`` is replaced, and so is a
   global site's start, which is drawn from its prior rather than chosen.
@@ -17,7 +18,9 @@ enumerated latent):
 
 Values passed as ``init_params`` to `OnlineEM.init` are never overridden. A site whose
 constraint orders its values (``ordered_vector``) gets its centres sorted along the
-ordered axis. The data are centred on their mean before k-means, so that float32 data
+ordered axis; otherwise, when the latent's mixture weights are unequal at the start
+(fixed, given or chosen), the centres are matched to them by cluster size
+(`_match_weights`). The data are centred on their mean before k-means, so that float32 data
 far from the origin keep their precision.
 """
 
@@ -26,13 +29,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 from jax.typing import ArrayLike
 from numpyro.distributions import constraints
 
 from numpyro_onlineem.families import MStepOptions
 from numpyro_onlineem.mstep.constraints import base_constraint
 from numpyro_onlineem.mstep.plan import Plan
-from numpyro_onlineem.mstep.sites import site_grid
+from numpyro_onlineem.mstep.sites import log_prob_shape, site_grid
 
 INIT_MODES = ("auto", "kmeans++", "model")
 
@@ -147,6 +151,47 @@ def init_restarts(n: int, k: int, d: int) -> int:
     return 50 if n * k * d <= SMALL_KMEANS_WORK else 10
 
 
+def _component_weights(trace, site: dict, axis: int, k: int) -> np.ndarray | None:
+    """The mixture weights of the enumerated latent along grid ``axis`` of ``site``,
+    when they are one vector of ``k`` unequal probabilities (a fixed, given or
+    deliberate start); ``None`` otherwise (equal weights: any order of the centres
+    will do)."""
+    dim = axis - len(log_prob_shape(site))
+    name = site["infer"].get("dim_to_name", {}).get(dim)
+    if name is None or name not in trace:
+        return None
+    fn = trace[name]["fn"]
+    while isinstance(fn, dist.Independent | dist.ExpandedDistribution):
+        fn = fn.base_dist
+    probs = getattr(fn, "probs", None)
+    if probs is None:
+        return None
+    probs = np.asarray(probs, np.float64)
+    if probs.size != k:
+        return None
+    probs = probs.reshape(k)
+    if np.allclose(probs, probs[0], rtol=1e-6, atol=0.0):
+        return None
+    return probs
+
+
+def _match_weights(centers: np.ndarray, pts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Reorder k-means centres so that the component with the ``j``-th largest weight
+    gets the ``j``-th largest cluster of the init batch: a fixed or given weight then
+    describes a cluster of about its size (with the centres in k-means' own order, a
+    fixed weight of 0.2 could sit on the cluster of half the data, a start that EM does
+    not undo)."""
+    d2 = (
+        np.sum(pts.astype(np.float64) ** 2, -1)[:, None]
+        - 2.0 * pts.astype(np.float64) @ centers.T.astype(np.float64)
+        + np.sum(centers.astype(np.float64) ** 2, -1)[None]
+    )
+    sizes = np.bincount(np.argmin(d2, -1), minlength=len(centers))
+    out = np.empty_like(centers)
+    out[np.argsort(-weights, kind="stable")] = centers[np.argsort(-sizes, kind="stable")]
+    return out
+
+
 def _orders_components(constraint, block_map: np.ndarray, shape: tuple) -> bool:
     """Whether ``constraint`` orders the components: an ordered vector whose last axis
     runs over the components (``block_map`` gives the block of component ``k``)."""
@@ -235,9 +280,15 @@ def data_driven_init(
             pts = pts.reshape((npts, -1)).astype(blocks.dtype)
             centers = _kmeans(rng, pts, k, 50, init_restarts(npts, k, pts.shape[1]))
             centers = np.asarray(fam.from_centers(role, centers, options))
+            how = f"from k-means++ over {npts} points of the init batch"
             if _orders_components(site_info.constraint, bm_k, shape):
                 centers = centers[np.argsort(centers[:, 0])]
+            else:
+                weights = _component_weights(trace, site, axis, k)
+                if weights is not None:
+                    centers = _match_weights(centers, pts, weights)
+                    how += ", matched to the mixture weights by cluster size"
             blocks[bm_k] = centers.reshape((k,) + right_event)
             params[pname] = jnp.asarray(blocks.reshape(shape), dtype=params[pname].dtype)
-            report[pname] = f"from k-means++ over {npts} points of the init batch"
+            report[pname] = how
     return params, report

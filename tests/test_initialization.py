@@ -126,3 +126,29 @@ def test_default_start_in_64_dimensions_reaches_the_batch_optimum(seed):
     result = em.run(jax.random.PRNGKey(seed), x, batch_size=256, progress_bar=False)
     ours = mean_loglik({name: np.asarray(v) for name, v in result.params.items()}, x_test)
     assert ours > ref.score(x_test) - 0.02
+
+
+def _fixed_weights_mixture(x, K=3):
+    weights = numpyro.param("weights", jnp.array([0.2, 0.5, 0.3]), constraint=constraints.simplex)
+    locs = numpyro.param("locs", jnp.zeros(K))
+    scales = numpyro.param("scales", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("obs", dist.Normal(locs[z], scales[z]), obs=x)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fixed_unequal_weights_get_the_clusters_of_their_size(rng, seed):
+    """k-means++ centres come in no particular order; with the weights held fixed (or
+    given), a weight of 0.2 on the cluster of half the data is a start EM never undoes.
+    The centres are matched to the weights by cluster size."""
+    z = rng.choice(3, 20_000, p=[0.2, 0.5, 0.3])
+    x = (np.array([4.0, -2.0, 1.0])[z] + 0.7 * rng.normal(size=20_000)).astype(np.float32)
+    em = OnlineEM(_fixed_weights_mixture, mstep={"weights": "fixed"})
+    result = em.run(jax.random.PRNGKey(seed), x, batch_size=100, progress_bar=False)
+    assert "matched to the mixture weights" in em.mstep_paths(result.state)["locs"]
+    np.testing.assert_allclose(result.params["locs"], [4.0, -2.0, 1.0], atol=0.05)
+    # the reference: scikit-learn with the weights free reaches the same mixture
+    ref = GaussianMixture(3, random_state=0).fit(x[:, None])
+    ours = float(em.log_likelihood(result.state, x).mean())
+    assert ours > ref.score(x[:, None]) - 0.005
