@@ -10,8 +10,9 @@ enumerated latent):
   Lloyd iterations, best of 10 or 50 restarts, `init_restarts`; on the host, in NumPy)
   over the init batch **unless** its initial value was
   chosen on purpose: a ``numpyro.param`` whose initial value differs across
-  components. A placeholder such as ``jnp.zeros((K, D))`` is replaced, and so is a
-  global site's start, which is drawn from its prior rather than chosen.
+  components (an ``ordered_vector`` site's always does, so it does not count). A
+  placeholder such as ``jnp.zeros((K, D))`` is replaced, and so is a global site's
+  start, which is drawn from its prior rather than chosen.
 * ``init="kmeans++"``: every such site is set from the centres, whatever its value.
 * ``init="model"``: nothing is changed; the model's own init values (or prior medians
   for global sites) are used.
@@ -253,7 +254,12 @@ def data_driven_init(
             event = tuple(shape[len(shape) - ev :]) if ev else ()
             blocks = np.array(params[pname]).reshape((-1,) + event)
             current = blocks[bm_k]
-            deliberate = site_info.kind == "param" and not np.all(current == current[:1])
+            ordered = _orders_components(site_info.constraint, bm_k, shape)
+            # an ordered site cannot start with equal values: distinct ones are no sign
+            # of a choice
+            deliberate = (
+                site_info.kind == "param" and not ordered and not np.all(current == current[:1])
+            )
             if mode == "auto" and deliberate:
                 report[pname] = "from the model (it differs across components)"
                 continue
@@ -281,7 +287,7 @@ def data_driven_init(
             centers = _kmeans(rng, pts, k, 50, init_restarts(npts, k, pts.shape[1]))
             centers = np.asarray(fam.from_centers(role, centers, options))
             how = f"from k-means++ over {npts} points of the init batch"
-            if _orders_components(site_info.constraint, bm_k, shape):
+            if ordered:
                 centers = centers[np.argsort(centers[:, 0])]
             else:
                 weights = _component_weights(trace, site, axis, k)

@@ -9,6 +9,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.distributions import constraints
 from sklearn.isotonic import IsotonicRegression
+from sklearn.mixture import GaussianMixture
 
 from numpyro_onlineem import OnlineEM, UnsupportedModelError
 from numpyro_onlineem.mstep.constraints import implies, isotonic_regression
@@ -133,3 +134,18 @@ def test_initial_values_outside_the_constraint_are_named(rng):
 )
 def test_implies(natural, declared, expected):
     assert implies(natural, declared) is expected
+
+
+def test_ordered_placeholder_is_replaced_by_the_default_start(rng):
+    """An ordered site cannot start at equal values, so the spread placeholder a user
+    must write ([-1, 0, 1]) is no deliberate choice: the default start replaces it with
+    sorted k-means++ centres (kept, it left one pass in a worse optimum: -2.110 against
+    -2.039 nats/point)."""
+    z = rng.choice(3, 20_000, p=[0.2, 0.5, 0.3])
+    x = (np.array([4.0, -2.0, 1.0])[z] + 0.7 * rng.normal(size=20_000)).astype(np.float32)
+    em = OnlineEM(_ordered_mixture)
+    result = em.run(jax.random.PRNGKey(0), x, batch_size=100, progress_bar=False)
+    assert "k-means++" in em.mstep_paths(result.state)["locs"]
+    np.testing.assert_allclose(result.params["locs"], [-2.0, 1.0, 4.0], atol=0.05)
+    ref = GaussianMixture(3, random_state=0).fit(x[:, None])
+    assert float(em.log_likelihood(result.state, x).mean()) > ref.score(x[:, None]) - 0.005
