@@ -23,7 +23,8 @@ from numpyro_onlineem.model import (
     reads_subsample,
     trace_model,
 )
-from numpyro_onlineem.mstep.plan import MSTEP_PATHS, make_plan
+from numpyro_onlineem.mstep.plan import MSTEP_PATHS, array_attrs, make_plan
+from numpyro_onlineem.mstep.sites import site_grid
 from numpyro_onlineem.runner import run_stream
 from numpyro_onlineem.schedules import Schedule, as_schedule
 from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState, UpdateInfo
@@ -247,6 +248,8 @@ class OnlineEM:
                 paths[name] += f"; initial value {what}"
             plan = plan.replace(paths=paths)
         params = _in_support(plan, params, frozenset(init_params))
+        indices = random_indices(key_init) if sites.reads_subsample else batch_indices
+        _check_symmetry(enum_trace(self.model, sites, params, args, kwargs, indices), sites)
         return self._init_state_jit(plan, params, key_state, *split_args(args, kwargs))
 
     # ---------------------------------------------------------------- update
@@ -415,6 +418,45 @@ def _in_support(plan, params: dict, given: frozenset) -> dict:
                 f"its constraint {ps.constraint}: {np.asarray(out[name])}."
             )
     return out
+
+
+def _check_symmetry(trace, sites) -> None:
+    """Refuse a start at which the components of an enumerated latent are identical in
+    every distribution that depends on it: their posterior weights are then equal (or
+    proportional to the mixture weights) for every point, the M step gives them the same
+    values again, and EM never separates them: a silent one-component fit."""
+    for latent in sites.enumerated:
+        size = int(np.shape(trace[latent]["fn"].enumerate_support(expand=False))[0])
+        if size < 2:
+            continue
+        readers, differs = [], False
+        for name in sites.local:
+            if name == latent:
+                continue
+            site = trace[name]
+            dims = {n: d for d, n in site["infer"].get("dim_to_name", {}).items()}
+            if latent not in dims:
+                continue
+            grid, base = site_grid(site)
+            lp_ndim = len(grid) - (len(site["fn"].event_shape) - len(base.event_shape))
+            from_end = len(grid) - (lp_ndim + dims[latent]) + len(base.event_shape)
+            readers.append(name)
+            for value in array_attrs(base).values():
+                axis = value.ndim - from_end
+                if axis >= 0 and value.shape[axis] > 1:
+                    first = np.take(value, [0], axis=axis)
+                    if not np.allclose(value, first, rtol=0.0, atol=0.0, equal_nan=True):
+                        differs = True
+        if readers and not differs:
+            raise ValueError(
+                f"OnlineEM.init: the {size} components of '{latent}' start identical in "
+                f"every distribution that depends on it ({readers}), so EM would keep "
+                "them identical (every point weighs them alike). Give them distinct "
+                "initial values: in the model's numpyro.param init, or with "
+                "init_params={...}; the default start (init='auto') sets component "
+                "locations of the built-in families from k-means++, and a family added "
+                "with register_family does so through its center_roles."
+            )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -350,6 +350,18 @@ def test_a_family_added_through_the_registry_is_fitted(rng, x64, rayleigh_family
     params = result.params
     assert loglik(params["weights"], params["scales"]) > loglik(w_opt, s_opt) - 0.002
     np.testing.assert_allclose(params["scales"], s_opt, rtol=0.05)
+
+    # a family without center roles gets no data-driven start: identical placeholders
+    # are refused rather than fitted as one component
+    def identical(x, K=2):
+        weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+        scales = numpyro.param("scales", jnp.ones(K), constraint=constraints.positive)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(weights))
+            numpyro.sample("obs", Rayleigh(scales[z]), obs=x)
+
+    with pytest.raises(ValueError, match="start identical"):
+        OnlineEM(identical).init(jax.random.PRNGKey(0), x)
     # unregistered, the same model is refused with a message that lists the registry
     from numpyro_onlineem import families
 

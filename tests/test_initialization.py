@@ -54,15 +54,21 @@ def test_deliberate_values_are_kept_unless_forced(rng, mode, changed):
 def test_init_params_are_never_overridden(rng, mode):
     x, _ = _blobs(rng)
     zeros = np.zeros((3, 2))
+    scales = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])  # distinct: not symmetric
     state = OnlineEM(gmm_diag, init=mode).init(
-        jax.random.PRNGKey(0), x, init_params={"locs": zeros}
+        jax.random.PRNGKey(0), x, init_params={"locs": zeros, "scales": scales}
     )
     np.testing.assert_array_equal(state.params["locs"], zeros)
 
 
-def test_model_mode_keeps_placeholders(rng):
+def test_model_mode_keeps_placeholders_but_refuses_a_symmetric_start(rng):
     x, _ = _blobs(rng)
-    state = OnlineEM(gmm_diag, init="model").init(jax.random.PRNGKey(0), x)
+    # identical components never separate: every point weighs them alike
+    with pytest.raises(ValueError, match=r"3 components of 'z' start identical.*\['obs'\]"):
+        OnlineEM(gmm_diag, init="model").init(jax.random.PRNGKey(0), x)
+    scales = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    em = OnlineEM(gmm_diag, init="model")
+    state = em.init(jax.random.PRNGKey(0), x, init_params={"scales": scales})
     np.testing.assert_array_equal(state.params["locs"], np.zeros((3, 2)))
 
 

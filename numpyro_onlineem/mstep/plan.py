@@ -135,13 +135,13 @@ class UnsupportedModelError(ValueError):
     """The model uses an estimated site in a way no available M step covers."""
 
 
-def _array_attrs(fn, prefix="") -> dict:
+def array_attrs(fn, prefix="") -> dict:
     """The numeric arguments of a distribution (and of the ones it wraps), as arrays.
     NumPy scalars count: ``s ** -0.5`` of a 0-d probe array is an ``np.float32``."""
     out = {}
     for key, val in vars(fn).items():
         if isinstance(val, dist.Distribution):
-            out.update(_array_attrs(val, prefix))
+            out.update(array_attrs(val, prefix))
         elif not key.startswith("_") and isinstance(
             val, jax.Array | np.ndarray | np.floating | float
         ):
@@ -277,7 +277,7 @@ def recognise(
 
     def run(values):
         tr = enum_trace(model, sites, {**constants, **values}, args, kwargs)
-        return tr, {s["name"]: _array_attrs(s["fn"]) for s in tr.values() if s["type"] == "sample"}
+        return tr, {s["name"]: array_attrs(s["fn"]) for s in tr.values() if s["type"] == "sample"}
 
     tr_id, _ = run(ids)
     tr_a, attrs_a = run(rand_a)
