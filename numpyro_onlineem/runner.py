@@ -132,7 +132,17 @@ class _Runner:
         item = calls[0] if len(calls) == 1 else concat_calls(calls)
         args, kwargs = with_extra(item, self.extra)
         with self.explain_type_errors(item):
-            state = self.em.init(rng_key, *args, init_params=init_params, **kwargs)
+            try:
+                state = self.em.init(rng_key, *args, init_params=init_params, **kwargs)
+            except ValueError as e:
+                if "Drop or" not in str(e):  # not about the data's values
+                    raise
+                raise ValueError(
+                    f"OnlineEM.run: the stream's first {num_points(item)} points initialise "
+                    f"the fit (OnlineEM.init), and {str(e).removeprefix('OnlineEM.init: ')} "
+                    "Later batches with such values are skipped (with a warning); the "
+                    "points that initialise the fit cannot be."
+                ) from e
         if self.bar is not None:
             self.bar.update(num_points(item))
         return state

@@ -198,3 +198,10 @@ def test_single_points_with_priors_weighed_per_batch_are_refused(rng):
         jax.random.PRNGKey(0), (p for p in x), N=len(x), progress_bar=False
     )
     np.testing.assert_allclose(np.sort(result.params["locs"]), [-2.0, 1.0, 4.0], atol=0.1)
+
+
+def test_non_finite_points_among_those_that_initialise_say_so(rng):
+    x = rng.normal(size=(1000, 3)).astype(np.float32)
+    x[10, 1] = np.nan
+    with pytest.raises(ValueError, match=r"first 256 points initialise.*index \(10, 1\): nan"):
+        OnlineEM(gmm_diag).run(jax.random.PRNGKey(0), (p for p in x), progress_bar=False)

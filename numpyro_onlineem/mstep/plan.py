@@ -343,7 +343,9 @@ def recognise(
                     f"OnlineEM: site '{pname}' enters the {role} of {family.name} site "
                     f"'{sname}' through a transformation. The closed-form M step needs it "
                     f"used directly, possibly indexed by the enumerated latent (e.g. "
-                    f"{pname}[z]){also}; a numerical M step for other uses is planned."
+                    f"{pname}[z]){also}, or held at its initial value with "
+                    f"OnlineEM(..., mstep={{'{pname}': 'fixed'}}); a numerical M step for "
+                    "other uses is planned."
                 )
             if not np.all(block == np.take(block, [0], axis=data_axis)):
                 raise UnsupportedModelError(
