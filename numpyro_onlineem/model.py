@@ -236,7 +236,9 @@ def _find_data_plate(sample_sites: list, observed: list) -> str:
         raise ValueError(
             f"OnlineEM: observed sites {[s['name'] for s in observed]} do not share a "
             "numpyro.plate. Wrap the data in `with numpyro.plate('data', N):` so that "
-            "the data points are conditionally independent."
+            "the data points are conditionally independent. (Observations in a Python "
+            "loop over time steps, each with its own discrete state, form a Markov "
+            f"chain: {CHAINS_UNSUPPORTED})"
         )
     if len(common) > 1:
         # a per-datum discrete latent lives in the data plate but not in feature plates

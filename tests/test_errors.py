@@ -261,3 +261,17 @@ def _hmm_markov(x, K=2):
 def test_markov_chains_get_the_documented_error(rng, model, match):
     with pytest.raises(NotImplementedError, match=match):
         OnlineEM(model).init(jax.random.PRNGKey(0), rng.normal(size=(10, 5)).astype(np.float32))
+
+
+def test_hmm_written_as_a_python_loop_is_named_a_chain(rng):
+    def hmm(y, K=2):
+        trans = numpyro.param("trans", jnp.full((K, K), 0.5), constraint=constraints.simplex)
+        locs = numpyro.param("locs", jnp.array([-1.0, 1.0]))
+        z = 0
+        for t in range(y.shape[0]):
+            z = numpyro.sample(f"z_{t}", dist.Categorical(trans[z]))
+            numpyro.sample(f"y_{t}", dist.Normal(locs[z], 1.0), obs=y[t])
+
+    y = rng.normal(size=20).astype(np.float32)
+    with pytest.raises(ValueError, match="Markov chain.*not supported yet"):
+        OnlineEM(hmm).init(jax.random.PRNGKey(0), y)
