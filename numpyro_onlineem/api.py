@@ -211,15 +211,8 @@ class OnlineEM:
         check_inputs(None, args, kwargs, "init")
         init_params = dict(init_params or {})
         key_trace, key_init, key_state = jax.random.split(rng_key, 3)
-        trace = trace_model(self.model, args, kwargs, init_params, key_trace)
-        sites = classify_sites(trace, self.data_plate)
+        trace, sites = self._sites(key_trace, args, kwargs, init_params)
         check_observed(trace, sites, "init")
-        batch, total = num_data(trace, sites)
-        if batch != total:
-            sites = sites._replace(
-                reads_subsample=reads_subsample(self.model, sites, args, kwargs),
-                sized_by_batch=False,
-            )
         for what, names in (("init_params", init_params), ("OnlineEM(mstep=...)", self.mstep)):
             unknown = set(names) - set(sites.params)
             if unknown:
@@ -227,12 +220,9 @@ class OnlineEM:
                     f"OnlineEM.init: {what} names {sorted(unknown)}, which are not "
                     f"estimated sites of the model ({sorted(sites.params)})."
                 )
-        dtype = jnp.result_type(float)
-        params = {name: jnp.asarray(trace[name]["value"], dtype) for name in sites.params}
-        fixed = frozenset(name for name, path in self.mstep.items() if path == "fixed")
-        plan = make_plan(self.model, sites, params, args, kwargs, fixed)
+        params, plan = self._initial_plan(trace, sites, args, kwargs)
+        indices = random_indices(key_init) if sites.reads_subsample else batch_indices
         if self.init_mode != "model":
-            indices = random_indices(key_init) if sites.reads_subsample else batch_indices
             etrace = enum_trace(self.model, sites, params, args, kwargs, indices)
             params, report = data_driven_init(
                 key_init,
@@ -248,7 +238,6 @@ class OnlineEM:
                 paths[name] += f"; initial value {what}"
             plan = plan.replace(paths=paths)
         params = _in_support(plan, params, frozenset(init_params))
-        indices = random_indices(key_init) if sites.reads_subsample else batch_indices
         _check_symmetry(enum_trace(self.model, sites, params, args, kwargs, indices), sites)
         return self._init_state_jit(plan, params, key_state, *split_args(args, kwargs))
 
@@ -378,14 +367,27 @@ class OnlineEM:
 
     def _plan(self, rng_key, args, kwargs, init_params):
         """The plan `init` would make on this call (no data-driven start)."""
+        trace, sites = self._sites(rng_key, args, kwargs, init_params)
+        return self._initial_plan(trace, sites, args, kwargs)[1]
+
+    def _sites(self, rng_key, args, kwargs, init_params):
+        """The model traced on a call, and its sites classified: ``(trace, sites)``."""
         trace = trace_model(self.model, args, kwargs, init_params, rng_key)
         sites = classify_sites(trace, self.data_plate)
         batch, total = num_data(trace, sites)
-        sites = sites._replace(sized_by_batch=batch == total)
+        if batch != total:
+            sites = sites._replace(
+                reads_subsample=reads_subsample(self.model, sites, args, kwargs),
+                sized_by_batch=False,
+            )
+        return trace, sites
+
+    def _initial_plan(self, trace, sites, args, kwargs):
+        """The model's initial values and the M-step plan: ``(params, plan)``."""
         dtype = jnp.result_type(float)
         params = {name: jnp.asarray(trace[name]["value"], dtype) for name in sites.params}
         fixed = frozenset(name for name, path in self.mstep.items() if path == "fixed")
-        return make_plan(self.model, sites, params, args, kwargs, fixed)
+        return params, make_plan(self.model, sites, params, args, kwargs, fixed)
 
     def _is_single_point(self, call, extra) -> bool:
         """Whether a first stream item is a single point: the model cannot take it as a

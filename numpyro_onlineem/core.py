@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from numpyro.distributions import constraints
 
 from numpyro_onlineem.estep.enumerate import num_data
+from numpyro_onlineem.estep.logprob import align
 from numpyro_onlineem.families import MStepOptions
 from numpyro_onlineem.model import (
     ModelSites,
@@ -99,11 +100,6 @@ class Config:
         return isinstance(other, Config) and self._hash == other._hash and self._key == other._key
 
 
-def _align(arr: jax.Array, ndim: int) -> jax.Array:
-    arr = jnp.asarray(arr)
-    return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
-
-
 def data_shifts(plan: Plan, trace: OrderedDict) -> dict:
     r"""Reference points $c$ about which the statistics of Gaussian sites are taken:
     the mean of the batch's data over the data axis, per coordinate, or over every
@@ -122,7 +118,7 @@ def data_shifts(plan: Plan, trace: OrderedDict) -> dict:
         if fam.shift_role is None or fam.shift_role not in sp.learned:
             continue
         grid, _ = site_grid(trace[sp.site])
-        value = _align(trace[sp.site]["value"], len(grid) + fam.value_event_ndim)
+        value = align(trace[sp.site]["value"], len(grid) + fam.value_event_ndim)
         value = value.astype(jnp.result_type(float))
         axis = None if sp.pooled_shift else sp.data_axis
         out[sp.site] = jnp.mean(value, axis=axis, keepdims=True)
@@ -299,21 +295,16 @@ def update(
         if start is None:
             start = default_polyak_start(config.step_points, burn_in)
         weight = jnp.where(seen > start, batch_size / jnp.maximum(seen - start, 1.0), 1.0)
-        weight = jnp.where(finite, jnp.minimum(weight, 1.0), 0.0)
-        pairs = jax.tree.map(
-            lambda a, c, p: compensated_add(a, c, weight.astype(p.dtype) * (p - a)),
-            state.averaged,
-            state.averaged_residual,
-            params,
-        )
+        weight = jnp.minimum(weight, 1.0)
+
+        def average(a, c, p):
+            new = compensated_add(a, c, weight.astype(p.dtype) * (p - a))
+            # a skipped batch leaves the average (and its residual) as they were
+            return tuple(jnp.where(finite, n, o) for n, o in zip(new, (a, c), strict=True))
+
+        pairs = jax.tree.map(average, state.averaged, state.averaged_residual, params)
         outer = jax.tree.structure(state.averaged)
         averaged, residual = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
-        # a skipped batch leaves the average as it was (the residual would otherwise be
-        # folded in)
-        averaged = jax.tree.map(lambda n, o: jnp.where(finite, n, o), averaged, state.averaged)
-        residual = jax.tree.map(
-            lambda n, o: jnp.where(finite, n, o), residual, state.averaged_residual
-        )
     else:
         averaged, residual = params, state.averaged_residual
     new_state = OnlineEMState(

@@ -30,11 +30,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 from jax.typing import ArrayLike
 from numpyro.distributions import constraints
 
-from numpyro_onlineem.families import MStepOptions
+from numpyro_onlineem.families import MStepOptions, unwrap
 from numpyro_onlineem.mstep.constraints import base_constraint
 from numpyro_onlineem.mstep.plan import Plan
 from numpyro_onlineem.mstep.sites import log_prob_shape, site_grid
@@ -116,8 +115,8 @@ def _kmeans_once(rng: np.random.Generator, x: np.ndarray, k: int, num_iters: int
         best = np.argmin(cand_d2.sum(-1))
         centers[i], d2 = x[cand[best]], cand_d2[best]
 
-    sq = np.sum(x * x, -1)[:, None]
-    dist = lambda c: sq - 2.0 * x @ c.T + np.sum(c * c, -1)[None]
+    sq = np.sum(x * x, -1)
+    dist = lambda c: _sq_distances(x, c, sq)
     assign = None
     for _ in range(num_iters):
         new_assign = np.argmin(dist(centers), -1)
@@ -162,9 +161,7 @@ def _component_weights(trace, site: dict, axis: int, k: int) -> np.ndarray | Non
     if name is None or name not in trace:
         return None
     fn = trace[name]["fn"]
-    while isinstance(fn, dist.Independent | dist.ExpandedDistribution):
-        fn = fn.base_dist
-    probs = getattr(fn, "probs", None)
+    probs = getattr(unwrap(fn), "probs", None)
     if probs is None:
         return None
     probs = np.asarray(probs, np.float64)
@@ -176,17 +173,23 @@ def _component_weights(trace, site: dict, axis: int, k: int) -> np.ndarray | Non
     return probs
 
 
+def _sq_distances(x: np.ndarray, centers: np.ndarray, x_sq: np.ndarray | None = None):
+    """Squared distances ``(n, k)`` of points to centres (``x_sq``: the points' squared
+    norms, when already computed)."""
+    if x_sq is None:
+        x_sq = np.sum(x * x, -1)
+    return x_sq[:, None] - 2.0 * x @ centers.T + np.sum(centers * centers, -1)[None]
+
+
 def _match_weights(centers: np.ndarray, pts: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Reorder k-means centres so that the component with the ``j``-th largest weight
     gets the ``j``-th largest cluster of the init batch: a fixed or given weight then
     describes a cluster of about its size (with the centres in k-means' own order, a
     fixed weight of 0.2 could sit on the cluster of half the data, a start that EM does
     not undo)."""
-    d2 = (
-        np.sum(pts.astype(np.float64) ** 2, -1)[:, None]
-        - 2.0 * pts.astype(np.float64) @ centers.T.astype(np.float64)
-        + np.sum(centers.astype(np.float64) ** 2, -1)[None]
-    )
+    pts = pts.astype(np.float64)
+    mean = pts.mean(axis=0)  # distances about the points' mean: no cancellation
+    d2 = _sq_distances(pts - mean, centers.astype(np.float64) - mean)
     sizes = np.bincount(np.argmin(d2, -1), minlength=len(centers))
     out = np.empty_like(centers)
     out[np.argsort(-weights, kind="stable")] = centers[np.argsort(-sizes, kind="stable")]

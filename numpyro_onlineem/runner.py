@@ -254,10 +254,7 @@ class _Runner:
                 return self._singles(state, stacked, static, length)
             padded = [_pad_nan(a, self.length) for a in stacked]
             new, infos = self.em._scan_jit(state, padded, static)
-            skipped = (
-                np.asarray(infos.nonfinite)[length:] | np.asarray(infos.out_of_support)[length:]
-            )
-            if not skipped.all():
+            if not _skipped(infos)[length:].all():
                 return self._singles(state, stacked, static, length)
             self._record(infos, length * points, length)
             return new
@@ -297,7 +294,7 @@ class _Runner:
             [np.atleast_1d(np.asarray(x))[:n] for x, n in xs]  # n=None: all
         )
         losses = flat([(i.loss, n) for i, n in self.infos]) if self.infos else np.zeros((0,))
-        bad = [(np.asarray(i.nonfinite) | np.asarray(i.out_of_support), n) for i, n in self.infos]
+        bad = [(_skipped(i), n) for i, n in self.infos]
         skipped = np.flatnonzero(flat(bad)) if bad else []
         losses = jnp.asarray(losses)
         if len(skipped):
@@ -309,6 +306,11 @@ class _Runner:
                 stacklevel=3,
             )
         return OnlineEMRunResult(self.em.get_params(state), state, losses)
+
+
+def _skipped(infos) -> np.ndarray:
+    """Which updates were skipped (non-finite or out-of-support values), on the host."""
+    return np.asarray(infos.nonfinite) | np.asarray(infos.out_of_support)
 
 
 def _single_point_to_batch(spec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

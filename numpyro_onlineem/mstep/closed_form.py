@@ -16,15 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from numpyro_onlineem.estep.logprob import align
 from numpyro_onlineem.families import PRIOR_HYPERPARAMETERS, MStepInputs, segment_sum, unwrap
 from numpyro_onlineem.mstep.base import EStepBatch, MStepContext
 from numpyro_onlineem.mstep.sites import SitePlan, site_grid
-
-
-def align(arr: jax.Array, ndim: int) -> jax.Array:
-    """Prepend size-one axes up to ``ndim``."""
-    arr = jnp.asarray(arr)
-    return arr.reshape((1,) * (ndim - arr.ndim) + arr.shape)
 
 
 class ClosedForm(NamedTuple):
