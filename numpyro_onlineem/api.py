@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from numpyro_onlineem import core
 from numpyro_onlineem.compilation import enable_compilation_cache
@@ -96,13 +97,22 @@ class OnlineEM:
         Added to every variance, as in scikit-learn's ``GaussianMixture``.
     min_count : float
         Parameter blocks with fewer expected data points than this keep their value.
-    mstep : dict[str, str], optional
-        The M step of chosen estimated sites, by name: ``"closed_form"`` (the default
-        for every site; an error names the site when the model uses it in a way no
-        closed form covers) or ``"fixed"`` (held at its initial value, from the model,
-        its prior median or ``init_params``; never initialised from data). A fixed site
-        is a constant to the other sites' M steps, so it may enter the model in any
-        way. `mstep_paths` reports the path each site takes.
+    mstep : dict, optional
+        The M step of chosen estimated sites, by name. By default a site takes the
+        closed form where the model uses it directly as a parameter of a registered
+        exponential family (`numpyro_onlineem.families`), and the numerical M step
+        otherwise (`numpyro_onlineem.mstep.numerical`: generalized EM on the expected
+        complete-data log-likelihood, in unconstrained space, so every constraint
+        holds). Choices: ``"closed_form"`` (an error names the site when no closed form
+        covers its use), ``"numerical"`` (even where a closed form exists), an optax
+        ``GradientTransformation`` (numerical, with that optimizer), or ``"fixed"``
+        (held at its initial value, from the model, its prior median or
+        ``init_params``; never initialised from data; a constant to the other sites'
+        M steps, so it may enter the model in any way). `mstep_paths` reports the path
+        each site takes.
+    numerical_steps : int
+        Optimizer steps per update of a numerical M step that runs an optax optimizer
+        (default 1: stochastic gradient ascent on the marginal log-likelihood).
     data_plate : str, optional
         Name of the data plate, when it cannot be inferred.
     chunk_size : int
@@ -135,7 +145,8 @@ class OnlineEM:
         init: str = "auto",
         reg_covar: float = 1e-6,
         min_count: float = 1e-6,
-        mstep: dict[str, str] | None = None,
+        mstep: dict[str, str | optax.GradientTransformation] | None = None,
+        numerical_steps: int = 1,
         data_plate: str | None = None,
         chunk_size: int = 100,
         compilation_cache: bool = True,
@@ -156,10 +167,16 @@ class OnlineEM:
             raise ValueError(f"OnlineEM: polyak_start must be >= 0, got {polyak_start}.")
         mstep = dict(mstep or {})
         for name, path in mstep.items():
-            if path not in MSTEP_PATHS:
+            if isinstance(path, optax.GradientTransformation):
+                continue
+            if not isinstance(path, str) or path not in MSTEP_PATHS:
                 raise ValueError(
-                    f"OnlineEM: mstep['{name}'] must be one of {MSTEP_PATHS}, got {path!r}."
+                    f"OnlineEM: mstep['{name}'] must be one of {MSTEP_PATHS} or an optax "
+                    f"GradientTransformation, got {path!r}."
                 )
+        if int(numerical_steps) < 1:
+            raise ValueError(f"OnlineEM: numerical_steps must be >= 1, got {numerical_steps}.")
+        self.numerical_steps = int(numerical_steps)
         self.model = model
         self.mstep = mstep
         self.init_mode = init
@@ -386,8 +403,8 @@ class OnlineEM:
         """The model's initial values and the M-step plan: ``(params, plan)``."""
         dtype = jnp.result_type(float)
         params = {name: jnp.asarray(trace[name]["value"], dtype) for name in sites.params}
-        fixed = frozenset(name for name, path in self.mstep.items() if path == "fixed")
-        return params, make_plan(self.model, sites, params, args, kwargs, fixed)
+        plan = make_plan(self.model, sites, params, args, kwargs, self.mstep, self.numerical_steps)
+        return params, plan
 
     def _is_single_point(self, call, extra) -> bool:
         """Whether a first stream item is a single point: the model cannot take it as a

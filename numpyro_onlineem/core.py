@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from numpyro.distributions import constraints
 
-from numpyro_onlineem.estep.enumerate import num_data
+from numpyro_onlineem.estep.enumerate import local_log_probs, num_data
 from numpyro_onlineem.estep.logprob import align
 from numpyro_onlineem.families import MStepOptions
 from numpyro_onlineem.model import (
@@ -161,7 +161,22 @@ def batch_statistics(
         shifts = data_shifts(plan, trace)
     res = plan.estep(trace, sites, shifts)
     batch_size, total_size = num_data(trace, sites)
-    batch = EStepBatch(trace, res.weights, shifts, batch_size, total_size)
+    weights = jax.lax.stop_gradient(res.weights)
+
+    def expected_log_joint(values: dict) -> tuple[jax.Array, dict]:
+        tr = enum_trace(config.model, sites, values, args, kwargs, indices)
+        log_probs, _ = local_log_probs(tr, sites)
+        local = sum(jnp.sum(weights[n] * log_probs[n]) for n in sites.local)
+        priors = {
+            n: jnp.sum(tr[n]["fn"].log_prob(tr[n]["value"]))
+            for n, ps in sites.params.items()
+            if ps.kind == "global"
+        }
+        return local / batch_size, priors
+
+    batch = EStepBatch(
+        trace, res.weights, shifts, batch_size, total_size, params, expected_log_joint
+    )
     stats = {m.name: m.statistics(batch) for m in plan.msteps}
     return BatchStatistics(res.loglik, stats, batch)
 
@@ -174,10 +189,14 @@ def m_step(
     mstep_states: dict,
     batch: EStepBatch,
     effective_points: jax.Array | float = jnp.inf,
+    step_size: jax.Array | float = 1.0,
+    decay: jax.Array | float = 1.0,
 ) -> tuple[dict, dict]:
     """Every M step of the plan, in order, from the running statistics ``stats``
     (`MStep.update`): ``(params, mstep_states)``."""
-    context = MStepContext(config, batch, jnp.asarray(effective_points))
+    context = MStepContext(
+        config, batch, jnp.asarray(effective_points), jnp.asarray(step_size), jnp.asarray(decay)
+    )
     new_states = {}
     for m in plan.msteps:
         params, new_states[m.name] = m.update(stats[m.name], params, mstep_states[m.name], context)
@@ -278,8 +297,20 @@ def update(
     )
     # every point of this batch weighs gamma / B in the new statistics
     weight_sq = (1.0 - gamma) ** 2 * state.weight_sq + gamma**2 / batch_size
+    first = jnp.asarray(schedule(0.0), dtype)
+    decay = jnp.where(
+        first > 0, jnp.asarray(schedule(state.num_seen / config.step_points), dtype) / first, 1.0
+    )
     proposed, mstep_states = m_step(
-        config, plan, state.params, stats, state.mstep_states, res.estep, 1.0 / weight_sq
+        config,
+        plan,
+        state.params,
+        stats,
+        state.mstep_states,
+        res.estep,
+        1.0 / weight_sq,
+        gamma,
+        decay,
     )
     apply = finite & ~in_burn_in
     keep = lambda new, old: jnp.where(apply, new, old)
@@ -305,6 +336,8 @@ def update(
         pairs = jax.tree.map(average, state.averaged, state.averaged_residual, params)
         outer = jax.tree.structure(state.averaged)
         averaged, residual = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+        # a value outside a non-convex constraint is no estimate: those are not averaged
+        averaged = {**averaged, **{n: params[n] for n in plan.unaveraged}}
     else:
         averaged, residual = params, state.averaged_residual
     new_state = OnlineEMState(

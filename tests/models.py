@@ -38,3 +38,25 @@ def gmm_dirichlet(x, K=3, alpha=2.0):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(weights))
         numpyro.sample("obs", dist.Normal(locs[z], scales[z]).to_event(1), obs=x)
+
+
+def student_t_mixture(x, K=2):
+    """Mixture of Student-t distributions: no closed-form M step for any of the
+    components' parameters (the degrees of freedom least of all)."""
+    weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+    locs = numpyro.param("locs", jnp.linspace(-1.0, 1.0, K))
+    scales = numpyro.param("scales", jnp.ones(K), constraint=constraints.positive)
+    df = numpyro.param("df", 5.0 * jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("obs", dist.StudentT(df[z], locs[z], scales[z]), obs=x)
+
+
+def logistic_mixture(X, y, K=2):
+    """Mixture of logistic regressions (``X``: ``(batch, D)`` with an intercept column):
+    every coefficient enters through ``X @ beta[z]`` and a logit."""
+    weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+    beta = numpyro.param("beta", jnp.linspace(-1.0, 1.0, K)[:, None] * jnp.ones(X.shape[-1]))
+    with numpyro.plate("data", X.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("y", dist.Bernoulli(logits=jnp.sum(X * beta[z], -1)), obs=y)

@@ -14,15 +14,18 @@ three pure functions:
   values of its sites (every other entry of ``params`` returned unchanged) from the
   running statistics.
 
-Two implementations: `numpyro_onlineem.mstep.closed_form` (exponential-family sites)
-and `numpyro_onlineem.mstep.fixed` (sites held at their initial value). Another path,
-a numerical M step say, is one new module implementing the same three functions; the
-plan chooses it per site and the core never changes.
+Three implementations: `numpyro_onlineem.mstep.closed_form` (exponential-family
+sites), `numpyro_onlineem.mstep.numerical` (generalized EM: Newton or optax steps on
+the expected complete-data log-likelihood, in unconstrained space) and
+`numpyro_onlineem.mstep.fixed` (sites held at their initial value). Another path is one
+new module implementing the same three functions; the plan chooses it per site and the
+core never changes.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -45,6 +48,14 @@ class EStepBatch(NamedTuple):
         Points in the batch.
     total_size : float
         Points in the data plate, ``N``.
+    params : dict
+        The estimated sites' values the E step ran at, $\theta'$.
+    expected_log_joint : callable
+        ``params -> (local, priors)``: the batch's expected complete-data
+        log-likelihood per datum at ``params``, with the E step's posterior held fixed,
+        $\bar q(\theta) = |B|^{-1} \\sum_i E_{p(z_i \\mid x_i, \theta')}
+        [\\log p(x_i, z_i \\mid \theta)]$ (shape ``()``), and the log-prior of every global
+        site at ``params`` (``{site: ()}``). Numerical M steps optimise it.
     """
 
     trace: OrderedDict
@@ -52,10 +63,12 @@ class EStepBatch(NamedTuple):
     shifts: dict
     batch_size: int
     total_size: float
+    params: dict
+    expected_log_joint: Callable
 
 
 class MStepContext(NamedTuple):
-    """What every M step may read at an update, besides its statistics.
+    r"""What every M step may read at an update, besides its statistics.
 
     Attributes
     ----------
@@ -66,11 +79,20 @@ class MStepContext(NamedTuple):
     effective_points : Array, shape ()
         The effective number of points behind the running statistics
         (``1 / OnlineEMState.weight_sq``).
+    step_size : Array, shape ()
+        The step $\gamma_n$ of this batch's statistics (the exact running mean's during
+        the burn-in).
+    decay : Array, shape ()
+        The step-size schedule's decay so far, $\gamma(t) / \gamma(0)$ per
+        ``step_points`` points (1 with a constant step): numerical M steps scale their
+        optimizer's steps by it.
     """
 
     config: Any
     batch: EStepBatch
     effective_points: jax.Array
+    step_size: jax.Array
+    decay: jax.Array
 
 
 class MStep(Protocol):

@@ -36,14 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
 from numpyro_onlineem.estep.enumerate import Enumerate
 from numpyro_onlineem.families import Family, family_names, find_family, unwrap
 from numpyro_onlineem.model import ModelSites, data_plate_frame, enum_trace
 from numpyro_onlineem.mstep.closed_form import ClosedForm
-from numpyro_onlineem.mstep.constraints import plan_projection
+from numpyro_onlineem.mstep.constraints import base_constraint, plan_projection
 from numpyro_onlineem.mstep.fixed import Fixed
+from numpyro_onlineem.mstep.numerical import NEWTON_MAX_DIM, Numerical
 from numpyro_onlineem.mstep.sites import SitePlan, log_prob_shape, site_grid
 from numpyro_onlineem.schedules import default_burn_in, default_kappa, default_polyak
 from numpyro_onlineem.static import Static, freeze
@@ -79,6 +81,9 @@ class Plan:
         (`numpyro_onlineem.mstep.base`).
     estep : EStep
         The E step (`numpyro_onlineem.estep.base`): exact enumeration.
+    unaveraged : tuple of str
+        Sites whose constraint is not convex (`NOT_AVERAGED`): the Polyak average of
+        values inside it can leave it, so their average is the current iterate.
     """
 
     sites: tuple
@@ -89,6 +94,7 @@ class Plan:
     stats_per_component: float = 0.0
     msteps: tuple = ()
     estep: Any = Enumerate()
+    unaveraged: tuple = ()
 
     @property
     def default_kappa(self) -> float:
@@ -100,6 +106,12 @@ class Plan:
     def default_polyak(self) -> bool:
         """Whether averaging is on by default (`numpyro_onlineem.schedules.default_polyak`)."""
         return default_polyak(self.default_kappa)
+
+    @property
+    def numerical_sites(self) -> dict:
+        """Site -> the numerical M step (`numpyro_onlineem.mstep.numerical.Numerical`)
+        that updates it."""
+        return {n: m for m in self.msteps if isinstance(m, Numerical) for n in m.sites}
 
     def replace(self, **changes) -> Plan:
         """A copy with some fields changed."""
@@ -127,8 +139,18 @@ class Plan:
         return f"Plan({body})"
 
 
-MSTEP_PATHS = ("closed_form", "fixed")
-"""The M steps a site can be given with ``OnlineEM(mstep={site: path})``."""
+MSTEP_PATHS = ("closed_form", "numerical", "fixed")
+"""The M steps a site can be given with ``OnlineEM(mstep={site: path})`` (an optax
+``GradientTransformation`` also: the numerical M step with that optimizer)."""
+
+NOT_AVERAGED = (
+    constraints.corr_cholesky,
+    constraints.corr_matrix,
+    constraints.sphere,
+    constraints.circular,
+)
+"""Constraints whose sets are not convex (or, for angles, wrap around): a site
+constrained to one is not Polyak-averaged."""
 
 
 class UnsupportedModelError(ValueError):
@@ -197,6 +219,9 @@ class Recognition(NamedTuple):
     total_stats : float
         Statistics over every cell of every site.
     input_spec : InputSpec
+    numerical : tuple of str
+        Sites that take the numerical M step: chosen by the user, or used in a way no
+        closed form covers.
     """
 
     site_plans: tuple
@@ -206,6 +231,7 @@ class Recognition(NamedTuple):
     full_dims: tuple
     total_stats: float
     input_spec: InputSpec
+    numerical: tuple = ()
 
 
 def make_plan(
@@ -214,15 +240,22 @@ def make_plan(
     params: dict,
     args: tuple,
     kwargs: dict,
-    fixed: frozenset = frozenset(),
+    mstep: dict | None = None,
+    numerical_steps: int = 1,
 ) -> Plan:
     """The M-step plan of a model: `recognise` → `build` → `report`.
 
     Parameters
     ----------
-    fixed : frozenset of str
-        Estimated sites held at their value in ``params`` (the ``"fixed"`` M step): the
-        model sees them as constants, so they may enter it in any way.
+    mstep : dict, optional
+        The user's choice of M step per site: ``"fixed"`` (held at its value in
+        ``params``: the model sees it as a constant, so it may enter it in any way),
+        ``"closed_form"`` (an error when no closed form covers it), ``"numerical"``, or
+        an optax ``GradientTransformation`` (numerical, with that optimizer). Every
+        other site takes the closed form where one covers its use, the numerical M step
+        otherwise.
+    numerical_steps : int
+        Optimizer steps per update of the ``"optax"`` numerical method.
 
     Raises
     ------
@@ -230,8 +263,13 @@ def make_plan(
         Naming the site and the reason, when a site enters the model in a way no
         available M step covers.
     """
-    found = recognise(model, sites, params, args, kwargs, fixed)
-    plan = build(found, sites)
+    mstep = dict(mstep or {})
+    fixed = frozenset(n for n, p in mstep.items() if isinstance(p, str) and p == "fixed")
+    closed = frozenset(n for n, p in mstep.items() if isinstance(p, str) and p == "closed_form")
+    numerical = frozenset(n for n, p in mstep.items() if not isinstance(p, str) or p == "numerical")
+    found = recognise(model, sites, params, args, kwargs, fixed, numerical, closed)
+    optimizers = {n: p for n, p in mstep.items() if not isinstance(p, str)}
+    plan = build(found, sites, optimizers, int(numerical_steps))
     return plan.replace(paths=report(found, plan))
 
 
@@ -261,6 +299,29 @@ def _probe_values(sites: ModelSites, names: list) -> tuple[dict, dict, dict, dic
     return ids, rand_a, rand_b, base
 
 
+class _Probes(NamedTuple):
+    """The model run on probe values (see the module docstring)."""
+
+    names: list
+    ids: dict
+    rand_a: dict
+    base: dict
+    tr_id: dict
+    tr_a: dict
+    deps: dict
+
+
+class _NotClosedForm(Exception):
+    """A site that the closed-form M step does not cover, and why (`recognise` gives it
+    the numerical M step, or raises the reason when the user asked for the closed
+    form)."""
+
+    def __init__(self, site: str, reason: str):
+        super().__init__(reason)
+        self.site = site
+        self.reason = reason
+
+
 def recognise(
     model: Callable,
     sites: ModelSites,
@@ -268,9 +329,33 @@ def recognise(
     args: tuple,
     kwargs: dict,
     fixed: frozenset = frozenset(),
+    numerical: frozenset = frozenset(),
+    closed_form: frozenset = frozenset(),
 ) -> Recognition:
     """Run the model on probe values (see the module docstring) and find how every
-    estimated site is used; refuse, naming the site, any use no M step covers."""
+    estimated site is used. A site whose use no closed form covers takes the numerical
+    M step (as do the sites in ``numerical``), unless the user asked for its closed form
+    (``closed_form``): an `UnsupportedModelError` then names the site and the reason."""
+    probes = _probe(model, sites, params, args, kwargs, fixed)
+    numerical = frozenset(numerical)
+    while True:
+        try:
+            found = _closed_form_uses(probes, sites, numerical)
+        except _NotClosedForm as e:
+            if e.site in closed_form or e.site in numerical:
+                raise UnsupportedModelError(e.reason) from None
+            numerical = numerical | {e.site}
+            continue
+        return found._replace(
+            fixed=tuple(name for name in sites.params if name in fixed),
+            numerical=tuple(name for name in sites.params if name in numerical),
+            input_spec=describe_inputs(args, kwargs, {n: probes.tr_id[n] for n in sites.observed}),
+        )
+
+
+def _probe(model, sites, params, args, kwargs, fixed) -> _Probes:
+    """Trace the model at the probe ids and at random valid values, and find every
+    (site, argument) each estimated site enters, by perturbing one site at a time."""
     names = [name for name in sites.params if name not in fixed]
     constants = {name: params[name] for name in sites.params if name in fixed}
     ids, rand_a, rand_b, base = _probe_values(sites, names)
@@ -293,8 +378,16 @@ def recognise(
                 v.shape != attrs_j[s][a].shape or not np.allclose(v, attrs_j[s][a], equal_nan=True)
             )
         }
+    return _Probes(names, ids, rand_a, base, tr_id, tr_a, deps)
 
-    site_plans, uses = [], {name: [] for name in names}
+
+def _closed_form_uses(probes: _Probes, sites: ModelSites, numerical: frozenset) -> Recognition:
+    """How every estimated site outside ``numerical`` is used, for the closed form;
+    `_NotClosedForm` for the first site it does not cover. Roles read from numerical
+    sites are constants to the closed form (statistics given their current value)."""
+    names, ids, rand_a, base, tr_id, tr_a, deps = probes
+    closed = [n for n in names if n not in numerical]
+    site_plans, uses = [], {name: [] for name in closed}
     for sname in sites.local:
         site_id, site_a = tr_id[sname], tr_a[sname]
         grid, base_id = site_grid(site_id)
@@ -309,13 +402,15 @@ def recognise(
         for role, (attr, arr_id) in roles_id.items():
             attrs[role] = attr
             used_by = [n for n in names if any((sname, a) in deps[n] for a in family.attrs(role))]
-            if not used_by:
+            if not used_by or all(n in numerical for n in used_by):
                 continue
             if len(used_by) > 1:
-                raise UnsupportedModelError(
+                pname = next(n for n in used_by if n not in numerical)
+                raise _NotClosedForm(
+                    pname,
                     f"OnlineEM: the {role} of {family.name} site '{sname}' combines "
                     f"{used_by}; the closed-form M step needs each distribution argument "
-                    "to be one estimated site used directly (possibly indexed)."
+                    "to be one estimated site used directly (possibly indexed).",
                 )
             pname = used_by[0]
             ev = family.role_event_ndim[role]
@@ -339,13 +434,13 @@ def recognise(
             if block is None:
                 known = [rp.formula for rp in family.reparams.get(role, {}).values()]
                 also = f" or through one of {known}" if known else ""
-                raise UnsupportedModelError(
+                raise _NotClosedForm(
+                    pname,
                     f"OnlineEM: site '{pname}' enters the {role} of {family.name} site "
                     f"'{sname}' through a transformation. The closed-form M step needs it "
                     f"used directly, possibly indexed by the enumerated latent (e.g. "
-                    f"{pname}[z]){also}, or held at its initial value with "
-                    f"OnlineEM(..., mstep={{'{pname}': 'fixed'}}); a numerical M step for "
-                    "other uses is planned."
+                    f"{pname}[z]){also}. Leave its M step to the default (numerical), or "
+                    f"hold it at its initial value with mstep={{'{pname}': 'fixed'}}.",
                 )
             if not np.all(block == np.take(block, [0], axis=data_axis)):
                 raise UnsupportedModelError(
@@ -368,23 +463,25 @@ def recognise(
         )  # fmt: skip
 
     checked = {}
-    for name in names:
+    for name in closed:
         covered = {(u.local, a) for u in uses[name] for a in u.family.attrs(u.role)}
         stray = sorted(deps[name] - covered)
         if stray:
             s, a = stray[0]
-            raise UnsupportedModelError(
+            raise _NotClosedForm(
+                name,
                 f"OnlineEM: site '{name}' enters site '{s}' (argument '{a}') in a way the "
                 f"closed-form M step does not recognise. It must be used directly as a "
                 f"parameter of a registered family ({family_names()}; register_family adds "
-                "one), possibly indexed by the enumerated latent. A numerical M step for "
-                "other uses is planned."
+                "one), possibly indexed by the enumerated latent; leave its M step to the "
+                "default (numerical) otherwise.",
             )
         if len(uses[name]) > 1:
             where = [f"{u.local}.{u.role}" for u in uses[name]]
-            raise UnsupportedModelError(
+            raise _NotClosedForm(
+                name,
                 f"OnlineEM: site '{name}' is used in several places ({where}); the "
-                "closed-form M step supports one use per estimated site."
+                "closed-form M step supports one use per estimated site.",
             )
         use = uses[name][0] if uses[name] else None
         if use is not None and sites.params[name].kind == "global":
@@ -406,11 +503,11 @@ def recognise(
     return Recognition(
         site_plans=tuple(site_plans),
         uses=checked,
-        fixed=tuple(name for name in sites.params if name in fixed),
+        fixed=(),
         num_states=max(cardinalities or [1]),
         full_dims=full_dims,
         total_stats=float(total_stats),
-        input_spec=describe_inputs(args, kwargs, {n: tr_id[n] for n in sites.observed}),
+        input_spec=None,
     )
 
 
@@ -476,26 +573,32 @@ def _check_prior(name, use: SiteUse, tr_a, deps, names, site_plans):
         if reparam is not None:
             what = f"{reparam} ({role} = {fam.reparams[role][reparam].formula})"
         allowed = fam.prior_choices(role, attr, reparam)
-        raise UnsupportedModelError(
+        raise _NotClosedForm(
+            name,
             f"OnlineEM: global site '{name}' has a {type(prior_fn).__name__} prior, "
             f"which has no closed-form posterior mode as the {what} of "
             f"{fam.name} ('{attr}'). Conjugate choices: "
-            f"{[t.__name__ for t in allowed] or 'none'}; or declare it with "
-            "numpyro.param for maximum likelihood."
+            f"{[t.__name__ for t in allowed] or 'none'}; or leave its M step to the "
+            "default (numerical).",
         )
     hyper = [n for n in names if any(s == name for s, _ in deps[n])]
     if hyper:
-        raise UnsupportedModelError(
+        raise _NotClosedForm(
+            name,
             f"OnlineEM: the prior of '{name}' depends on {hyper}; hierarchical "
-            "priors have no closed-form M step."
+            "priors have no closed-form M step; leave its M step to the default "
+            "(numerical).",
         )
     return type(prior_fn)
 
 
-def build(found: Recognition, sites: ModelSites) -> Plan:
+def build(
+    found: Recognition, sites: ModelSites, optimizers: dict | None = None, numerical_steps: int = 1
+) -> Plan:
     """The static plan from what `recognise` found: each local site's projections and
-    priors, the M steps in order, and the defaults that depend on the model (its
-    ``paths`` are left to `report`)."""
+    priors, the M steps in order (closed form, then numerical, then fixed), and the
+    defaults that depend on the model (its ``paths`` are left to `report`).
+    ``optimizers``: site -> the optax optimizer the user gave it."""
     site_plans = {sp.site: sp for sp in found.site_plans}
     for name, use in found.uses.items():
         if use is None:
@@ -520,6 +623,7 @@ def build(found: Recognition, sites: ModelSites) -> Plan:
         ClosedForm(sp, {role: sites.params[p].shape for role, p in sp.learned.items()})
         for sp in plans
     ]
+    msteps.extend(_numerical_groups(found.numerical, sites, optimizers or {}, numerical_steps))
     if found.fixed:
         msteps.append(Fixed(found.fixed))
     return Plan(
@@ -530,16 +634,44 @@ def build(found: Recognition, sites: ModelSites) -> Plan:
         input_spec=found.input_spec,
         stats_per_component=found.total_stats / found.num_states,
         msteps=tuple(msteps),
+        unaveraged=tuple(
+            name
+            for name, ps in sites.params.items()
+            if base_constraint(ps.constraint) in NOT_AVERAGED
+        ),
     )
+
+
+def _numerical_groups(names: tuple, sites: ModelSites, optimizers: dict, steps: int) -> list:
+    """The numerical M steps: the sites with the same optimizer (the default, or one the
+    user gave) optimised jointly, by Newton steps up to `NEWTON_MAX_DIM` unconstrained
+    values with the default, by optax steps otherwise."""
+    groups: dict = {}
+    for name in names:
+        groups.setdefault(optimizers.get(name), []).append(name)
+    out = []
+    for index, (optimizer, members) in enumerate(groups.items()):
+        cons = tuple(sites.params[n].constraint for n in members)
+        size = sum(
+            int(np.prod(biject_to(c).inverse_shape(sites.params[n].shape), dtype=int))
+            for n, c in zip(members, cons, strict=True)
+        )
+        method = "newton" if optimizer is None and size <= NEWTON_MAX_DIM else "optax"
+        out.append(Numerical(tuple(members), cons, method, optimizer, int(steps), index))
+    return out
 
 
 def report(found: Recognition, plan: Plan) -> dict:
     """For each estimated site, in the model's order, the M step it takes, in words."""
     site_plans = {sp.site: sp for sp in plan.sites}
+    numerical = plan.numerical_sites
     paths = {}
     for name, ps in plan.model_sites.params.items():
         if name in found.fixed:
             paths[name] = "fixed at its initial value"
+            continue
+        if name in numerical:
+            paths[name] = _numerical_path(name, ps, numerical[name])
             continue
         use = found.uses[name]
         if use is None:
@@ -559,6 +691,22 @@ def report(found: Recognition, plan: Plan) -> dict:
             path += f"; kept in its constraint {ps.constraint} by {how}"
         paths[name] = path
     return paths
+
+
+def _numerical_path(name: str, ps, m: Numerical) -> str:
+    """`report`'s words for a site of a numerical M step."""
+    if m.method == "newton":
+        how = "Newton steps with the online complete-data information (Titterington)"
+    else:
+        opt = "Adam(0.05)" if m.optimizer is None else "the given optax optimizer"
+        how = f"{m.steps} {opt} step{'s' if m.steps > 1 else ''} per update"
+    others = [n for n in m.sites if n != name]
+    jointly = f", jointly with {others}" if others else ""
+    goal = "posterior mode" if ps.kind == "global" else "maximum likelihood"
+    return (
+        f"numerical: {how} on the expected complete-data log-likelihood{jointly}, "
+        f"{goal}; in unconstrained space, so its constraint {ps.constraint} holds exactly"
+    )
 
 
 def _component_points(site: dict, grid: tuple, data_axis: int, enumerated: tuple) -> float:

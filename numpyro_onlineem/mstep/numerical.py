@@ -1,0 +1,245 @@
+r"""The numerical (generalized) M step of sites that have no closed form.
+
+Generalized EM (Dempster, Laird & Rubin 1977) only asks the M step to increase
+
+$$
+Q(\theta \mid \theta') = \textstyle\sum_i E_{p(z_i \mid x_i, \theta')}
+[\log p(x_i, z_i \mid \theta)] + \log \pi(\theta),
+$$
+
+the expected complete-data log-likelihood with the E step's posterior held fixed (plus
+the log-prior of global sites: the fit is a posterior mode). Its sites are optimised in
+unconstrained space, $\theta = T(u)$ with $T$ = ``biject_to(site.support)``, so every
+NumPyro constraint (positive, simplex, interval, ordered, Cholesky factors, ...) holds
+exactly after every update; no log-Jacobian is added, so the optimum is the mode in
+the constrained space, as in the closed form. The mini-batch's $Q$ is scaled to the data
+as the data plate states it: $N$ times its per-datum average, against the log-prior.
+
+Two methods, both pure and jittable, both with their state in the inference state:
+
+``"newton"`` (the default up to `NEWTON_MAX_DIM` unconstrained numbers): recursive EM
+with the complete-data information (Titterington 1984). The statistics of a batch are
+the second-order expansion of its per-datum $Q$ at the current value $u'$: the
+information $H = -\nabla^2_u \bar q(u')$ and $b = H u' + \nabla_u \bar q(u')$. Online
+EM keeps their stochastic approximation $\hat H, \hat b$, exactly as it does the
+sufficient statistics of a closed-form site, and the M step maximises the averaged
+model, $u = \hat H^{-1} \hat b$. Written as a recursion this is
+
+$$
+u_n = u_{n-1} + \gamma_n \hat H_n^{-1} \nabla_u \bar q_n(u_{n-1}),
+$$
+
+Titterington's update with the information estimated online; for an exponential-family
+site in its natural parameters it is Cappé–Moulines's online EM. By Fisher's identity
+$\nabla_u \bar q_n(u_{n-1})$ is the gradient of the batch's marginal log-likelihood, so
+under the Robbins–Monro conditions ($\sum\gamma = \infty$, $\sum\gamma^2 < \infty$)
+the iterates converge to a stationary point of the (penalised) marginal
+log-likelihood, and Polyak averaging with $\kappa < 1$ gives them the efficient rate.
+The model is made safe where $\hat H$ is not positive definite (far from a
+maximum, or a direction no data has informed): its eigenvalues are replaced by their
+absolute values, floored at ``1e-6`` of the largest, and the step is cut to a trust
+region of `TRUST_RADIUS` in the metric of that matrix (a predicted gain of at most
+``TRUST_RADIUS**2 / 2`` nats per datum), which is scale-free: a location in
+thousands and a log-scale take steps of the same predicted gain.
+
+``"optax"`` (above `NEWTON_MAX_DIM`, or with an optimizer of the user's):
+``steps`` optimizer steps on the batch's $-\bar q$, under ``lax.scan``, the E-step
+posterior held fixed, the optimizer's state carried from one update to the next, and
+its updates scaled by the Robbins–Monro decay $\gamma(t) / \gamma(0)$ of the
+statistics' schedule. With one step it is stochastic gradient ascent on the marginal
+log-likelihood (Fisher's identity), which converges to a stationary point under the
+same conditions; Adam's preconditioning keeps it scale-free in practice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+from numpyro.distributions.transforms import IdentityTransform, biject_to
+
+from numpyro_onlineem.mstep.base import EStepBatch, MStepContext
+
+NEWTON_MAX_DIM = 128
+"""Largest number of unconstrained values a group of numerical sites may have for the
+default method to be ``"newton"``: its information matrix is ``p x p``, formed from
+``p`` Hessian-vector products and eigen-decomposed at every update."""
+
+MAX_STEP = 2.0
+"""Largest change in one update of an unconstrained value behind a nonlinear transform
+(a log-scale, a logit): a scale changes by at most a factor ``e**2``."""
+
+EIGEN_FLOOR = 1e-6
+"""Smallest eigenvalue of the information, relative to the largest."""
+
+
+def default_optimizer() -> optax.GradientTransformation:
+    """Adam with step 0.05, the ``"optax"`` method's optimizer unless the user gives one."""
+    return optax.adam(0.05)
+
+
+class Numerical(NamedTuple):
+    """The numerical M step of a group of estimated sites, optimised jointly.
+
+    Attributes
+    ----------
+    sites : tuple of str
+        The estimated sites it updates.
+    constraints : tuple
+        Each site's constraint (its support), in the order of ``sites``.
+    method : str
+        ``"newton"`` or ``"optax"`` (see the module docstring).
+    optimizer : optax.GradientTransformation or None
+        The ``"optax"`` method's optimizer (``None``: `default_optimizer`).
+    steps : int
+        Optimizer steps per update (``"optax"``).
+    index : int
+        Its position among the plan's numerical groups (its state's name).
+    """
+
+    sites: tuple
+    constraints: tuple
+    method: str = "newton"
+    optimizer: Any = None
+    steps: int = 1
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"<numerical {self.index}>"
+
+    def _unconstrained(self, params: dict) -> dict:
+        return {
+            n: biject_to(c).inv(params[n])
+            for n, c in zip(self.sites, self.constraints, strict=True)
+        }
+
+    def _constrained(self, params: dict, u: dict) -> dict:
+        new = dict(params)
+        for n, c in zip(self.sites, self.constraints, strict=True):
+            new[n] = biject_to(c)(u[n]).astype(params[n].dtype)
+        return new
+
+    def _objective(self, batch: EStepBatch, params: dict, unravel):
+        r"""$u \mapsto \bar q(u)$: the batch's expected complete-data log-likelihood per
+        datum, plus the log-prior of the global sites over $N$."""
+
+        def objective(flat: jax.Array) -> jax.Array:
+            local, priors = batch.expected_log_joint(self._constrained(params, unravel(flat)))
+            prior = sum(priors.values(), jnp.zeros(()))
+            return local + prior / batch.total_size
+
+        return objective
+
+    def _optimizer(self) -> optax.GradientTransformation:
+        return default_optimizer() if self.optimizer is None else self.optimizer
+
+    def _linear(self) -> jax.Array:
+        """Per unconstrained value, whether its site's transform is the identity (a real
+        site): the cap `MAX_STEP` applies to the others."""
+        flags = []
+        for n, c in zip(self.sites, self.constraints, strict=True):
+            del n
+            flags.append(isinstance(biject_to(c), IdentityTransform))
+        return flags
+
+    def init(self, params: dict) -> Any:
+        if self.method == "newton":
+            return ()
+        flat, _ = ravel_pytree(self._unconstrained(params))
+        return self._optimizer().init(flat)
+
+    def statistics(self, batch: EStepBatch) -> dict:
+        r"""``"newton"``: the batch's complete-data information at the current value,
+        ``{"info": -\nabla^2_u \bar q(u') (p, p)}``; ``"optax"``: none (its steps read
+        the batch's $Q$ directly)."""
+        if self.method != "newton":
+            return {}
+        flat, unravel = ravel_pytree(self._unconstrained(batch.params))
+        info = -jax.hessian(self._objective(batch, batch.params, unravel))(flat)
+        return {"info": 0.5 * (info + info.T)}
+
+    def update(
+        self, stats: dict, params: dict, mstep_state: Any, context: MStepContext
+    ) -> tuple[dict, Any]:
+        u = self._unconstrained(params)
+        flat, unravel = ravel_pytree(u)
+        objective = self._objective(context.batch, params, unravel)
+        value, grad = jax.value_and_grad(objective)(flat)
+        if self.method == "newton":
+            step = context.step_size.astype(flat.dtype) * newton_direction(stats["info"], grad)
+        else:
+            optimizer = self._optimizer()
+            decay = context.decay.astype(flat.dtype)
+
+            def one(carry, _):
+                v, opt_state = carry
+                g = jax.grad(lambda w: -objective(w))(v)
+                updates, opt_state = optimizer.update(g, opt_state, v)
+                return (v + decay * updates, opt_state), None
+
+            (end, mstep_state), _ = jax.lax.scan(one, (flat, mstep_state), None, length=self.steps)
+            step = end - flat
+        mask = jnp.concatenate(
+            [
+                jnp.full(jnp.size(ravel_pytree(u[n])[0]), not lin)
+                for n, lin in zip(self.sites, self._linear(), strict=True)
+            ]
+        )
+        step = cap_step(step, mask)
+        new = flat + ascent(objective, flat, value, grad, step)
+        return self._constrained(params, unravel(new)), mstep_state
+
+
+def newton_direction(info: jax.Array, gradient: jax.Array) -> jax.Array:
+    r"""$|H|_+^{-1} g$: the Newton direction with the information ``info`` (``(p, p)``,
+    symmetric) made positive definite: its eigenvalues replaced by their absolute
+    values, floored at `EIGEN_FLOOR` times the largest. ``gradient``: ``(p,)``."""
+    evals, evecs = jnp.linalg.eigh(info)
+    mag = jnp.abs(evals)
+    mag = jnp.maximum(mag, EIGEN_FLOOR * jnp.max(mag) + jnp.finfo(info.dtype).tiny)
+    return evecs @ ((evecs.T @ gradient) / mag)
+
+
+def cap_step(step: jax.Array, capped: jax.Array) -> jax.Array:
+    """``step`` (``(p,)``) shrunk, direction kept, so that no value flagged in
+    ``capped`` (those behind a nonlinear transform: log-scales, logits) moves by more
+    than `MAX_STEP` in one update."""
+    largest = jnp.max(jnp.where(capped, jnp.abs(step), 0.0))
+    return step * jnp.minimum(1.0, MAX_STEP / jnp.maximum(largest, jnp.finfo(step.dtype).tiny))
+
+
+def ascent(objective, flat: jax.Array, value: jax.Array, grad: jax.Array, step: jax.Array):
+    r"""The largest $\alpha s$, $\alpha \in \{1, 1/2, \dots, 2^{-9}\}$, that increases
+    the batch's objective enough (Armijo's condition, up to float rounding):
+
+    $$
+    \bar q(u + \alpha s) \ge \bar q(u) + 10^{-4} \alpha \max(g^\top s, 0),
+    $$
+
+    or no step. So every update increases the batch's expected complete-data
+    log-likelihood: the generalized EM step, whose full-batch limit never decreases the
+    marginal log-likelihood. ``flat``, ``grad``, ``step``: ``(p,)``."""
+    slope = jnp.maximum(jnp.vdot(grad, step), 0.0)
+    tol = 8.0 * jnp.finfo(flat.dtype).eps * (1.0 + jnp.abs(value))
+
+    def accepted(alpha):
+        new = objective(flat + alpha * step)
+        return jnp.isfinite(new) & (new >= value + 1e-4 * alpha * slope - tol)
+
+    def cond(carry):
+        alpha, done, count = carry
+        return ~done & (count < 10)
+
+    def body(carry):
+        alpha, _, count = carry
+        alpha = jnp.where(count > 0, 0.5 * alpha, alpha)
+        return alpha, accepted(alpha), count + 1
+
+    alpha, done, _ = jax.lax.while_loop(
+        cond, body, (jnp.ones((), flat.dtype), jnp.zeros((), bool), jnp.zeros((), jnp.int32))
+    )
+    return jnp.where(done, alpha, 0.0) * step

@@ -1,0 +1,293 @@
+"""The numerical (generalized EM) M step, against scipy optima and closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from numpyro.distributions import constraints
+from scipy import stats
+from scipy.optimize import minimize
+from scipy.special import expit, log_expit, logsumexp
+from sklearn.mixture import GaussianMixture
+
+from numpyro_onlineem import OnlineEM
+from tests.models import gmm_diag, logistic_mixture, student_t_mixture
+
+
+def _t_data(rng, n):
+    z = rng.random(n) < 0.3
+    x = np.where(z, -3 + 0.5 * rng.standard_t(3, n), 2 + 1.5 * rng.standard_t(10, n))
+    return x.astype(np.float32)
+
+
+def _t_loglik(x, w, locs, scales, df):
+    x = np.asarray(x, float)[:, None]
+    lp = np.log(w)[None] + stats.t.logpdf(x, df[None], locs[None], scales[None])
+    return logsumexp(lp, axis=1)
+
+
+def _t_mle(x):
+    """Full-batch MLE of a two-component Student-t mixture, by L-BFGS from several starts."""
+
+    def nll(v):
+        w = expit(v[0])
+        return -_t_loglik(x, np.array([w, 1 - w]), v[1:3], np.exp(v[3:5]), np.exp(v[5:7])).mean()
+
+    starts = [
+        [0.0, -3, 2, np.log(0.5), np.log(1.5), np.log(3), np.log(10)],
+        [0.0, -2, 1, 0.0, 0.0, np.log(5), np.log(5)],
+        [-1.0, -3.5, 2.5, 0.0, 0.0, np.log(20), np.log(2)],
+    ]
+    best = min((minimize(nll, np.array(s), method="L-BFGS-B") for s in starts), key=lambda r: r.fun)
+    v = best.x
+    weights = np.array([expit(v[0]), 1 - expit(v[0])])
+    return -best.fun, weights, v[1:3], np.exp(v[3:5]), np.exp(v[5:7])
+
+
+def _params(p, *names):
+    return [np.asarray(p[n], float) for n in names]
+
+
+def test_student_t_mixture_one_pass_reaches_the_scipy_mle(rng):
+    """No closed form for the locations, scales or degrees of freedom: they take the
+    Newton path, the weights the closed form; one pass of a stream ends at the MLE."""
+    x = _t_data(rng, 20_000)
+    em = OnlineEM(student_t_mixture)
+    result = em.run(jax.random.PRNGKey(0), x, batch_size=256, progress_bar=False)
+    paths = em.mstep_paths(result.state)
+    assert paths["weights"].startswith("closed form: Categorical")
+    for name in ("locs", "scales", "df"):
+        assert paths[name].startswith("numerical: Newton"), paths[name]
+    w, locs, scales, df = _params(result.params, "weights", "locs", "scales", "df")
+    best, w_ref, locs_ref, scales_ref, df_ref = _t_mle(x)
+    assert _t_loglik(x, w, locs, scales, df).mean() > best - 0.002
+    np.testing.assert_allclose(w, w_ref, atol=0.02)
+    np.testing.assert_allclose(locs, locs_ref, atol=0.05)
+    np.testing.assert_allclose(scales, scales_ref, rtol=0.05)
+    np.testing.assert_allclose(df, df_ref, rtol=0.3)
+
+
+def _logistic_data(rng, n):
+    X = np.concatenate([np.ones((n, 1)), rng.normal(size=(n, 2))], 1)
+    beta = np.array([[-1.0, 3.0, 0.0], [1.0, -1.0, 2.5]])
+    z = rng.random(n) < 0.4
+    logit = np.where(z, X @ beta[0], X @ beta[1])
+    y = (rng.random(n) < expit(logit)).astype(float)
+    return X, y
+
+
+def _logistic_nll(v, X, y):
+    w = expit(v[0])
+    lg = X @ v[1:].reshape(2, -1).T
+    ll = y[:, None] * log_expit(lg) + (1 - y[:, None]) * log_expit(-lg)
+    return -logsumexp(np.log([w, 1 - w])[None] + ll, axis=1).mean()
+
+
+def _loglik_trace(em, state, args, num_iters):
+    """Marginal log-likelihood per datum before each full-batch update, and the state."""
+    values = []
+    for _ in range(num_iters):
+        state, loss = em.update(state, *args)
+        values.append(-float(loss))
+    return np.array(values), state
+
+
+@pytest.mark.parametrize("path", ["newton", "optax", "optax_5_steps"])
+def test_full_batch_limit_never_decreases_the_likelihood(rng, x64, path):
+    """Step size 1 and the whole data as every batch: generalized EM, whose marginal
+    log-likelihood never decreases, for every numerical method (closed-form weights,
+    numerical coefficients), and which ends at the optimum scipy finds."""
+    X, y = _logistic_data(rng, 2000)
+    mstep, steps, iters = {}, 1, 80
+    if path != "newton":
+        mstep, iters = {"beta": optax.adam(0.1)}, 150
+        steps = 5 if path == "optax_5_steps" else 1
+    em = OnlineEM(
+        logistic_mixture, step_size=1.0, burn_in=0, init="model", mstep=mstep, numerical_steps=steps
+    )
+    state = em.init(jax.random.PRNGKey(0), X, y)
+    values, state = _loglik_trace(em, state, (X, y), iters)
+    assert np.all(np.diff(values) >= -1e-10 * np.abs(values[1:])), np.diff(values).min()
+    start = np.array([np.log(0.4 / 0.6), -1.0, 3.0, 0.0, 1.0, -1.0, 2.5])
+    best = minimize(_logistic_nll, start, args=(X, y), method="L-BFGS-B")
+    p = em.get_params(state)
+    w = np.asarray(p["weights"])
+    v = np.concatenate([[np.log(w[0] / w[1])], np.asarray(p["beta"]).ravel()])
+    # up to the label permutation
+    v_swapped = np.concatenate([[-v[0]], v[4:], v[1:4]])
+    gap = min(_logistic_nll(v, X, y), _logistic_nll(v_swapped, X, y)) - best.fun
+    assert gap < (1e-5 if path == "newton" else 2e-3), gap
+    mstate = state.mstep_states["<numerical 0>"]
+    if path == "newton":
+        assert em.mstep_paths(state)["beta"].startswith("numerical: Newton")
+    else:
+        assert "optax optimizer" in em.mstep_paths(state)["beta"]
+        assert int(optax.tree_utils.tree_get(mstate, "count")) > 0  # carried between updates
+
+
+def test_a_transformed_scale_fits_as_the_closed_form_does(rng, x64):
+    """``Normal(locs[z], exp(log_scales[z]))``: the log-scales take the numerical path;
+    the fixed point is scikit-learn's Gaussian mixture from the same start."""
+
+    def model(x, K=2):
+        weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+        locs = numpyro.param("locs", jnp.array([-1.0, 1.0]))
+        log_scales = numpyro.param("log_scales", jnp.zeros(K))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(weights))
+            numpyro.sample("obs", dist.Normal(locs[z], jnp.exp(log_scales[z])), obs=x)
+
+    x = np.concatenate([rng.normal(-2, 0.5, 600), rng.normal(1.5, 1.2, 1400)])
+    em = OnlineEM(model, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x)
+    assert em.mstep_paths(state)["log_scales"].startswith("numerical")
+    assert em.mstep_paths(state)["locs"].startswith("closed form")
+    values, state = _loglik_trace(em, state, (x,), 60)
+    assert np.all(np.diff(values) >= -1e-12)
+    gm = GaussianMixture(
+        2,
+        covariance_type="diag",
+        weights_init=[0.5, 0.5],
+        means_init=[[-1.0], [1.0]],
+        precisions_init=[[1.0], [1.0]],
+        tol=1e-12,
+        max_iter=2000,
+        reg_covar=0.0,
+    ).fit(x[:, None])
+    p = em.get_params(state)
+    np.testing.assert_allclose(p["weights"], gm.weights_, rtol=1e-5)
+    np.testing.assert_allclose(p["locs"], gm.means_[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(np.exp(p["log_scales"]), np.sqrt(gm.covariances_[:, 0]), rtol=1e-5)
+
+
+def test_a_site_with_a_closed_form_can_be_sent_to_the_numerical_path(rng, x64):
+    x = np.concatenate([rng.normal(-2, 0.5, (300, 2)), rng.normal(1.5, 1.0, (700, 2))])
+    init = {"weights": np.array([0.5, 0.5]), "locs": np.array([[-1.0, 0.0], [1.0, 0.0]])}
+    runs = {}
+    for mstep in ({}, {"locs": "numerical", "scales": "numerical"}):
+        em = OnlineEM(gmm_diag, step_size=1.0, burn_in=0, init="model", mstep=mstep)
+        state = em.init(jax.random.PRNGKey(0), x, 2, init_params=init)
+        for _ in range(80):
+            state, _ = em.update(state, x, 2)
+        runs[bool(mstep)] = em.get_params(state), em.mstep_paths(state)
+    (closed, _), (numerical, paths) = runs[False], runs[True]
+    assert paths["locs"].startswith("numerical") and paths["weights"].startswith("closed")
+    for name in ("weights", "locs", "scales"):
+        # the same fixed point, reached by Newton steps on the log-scales
+        np.testing.assert_allclose(numerical[name], closed[name], rtol=1e-5, atol=1e-8)
+
+
+def test_priors_give_the_map_weighed_by_the_plate_size(rng, x64):
+    """A Normal prior on logistic-regression coefficients (a global sample site whose
+    use has no closed form): the fit is the posterior mode, with the batch's likelihood
+    scaled to the data plate's declared size N, as scipy computes it."""
+    n, N = 500, 2000
+    X = np.concatenate([np.ones((n, 1)), rng.normal(size=(n, 2))], 1)
+    y = (rng.random(n) < expit(X @ np.array([0.5, 2.0, -1.0]))).astype(float)
+
+    def model(X, y):
+        beta = numpyro.sample("beta", dist.Normal(0.0, 0.3).expand([3]).to_event(1))
+        with numpyro.plate("data", N, subsample_size=X.shape[0]):
+            numpyro.sample("y", dist.Bernoulli(logits=X @ beta), obs=y)
+
+    em = OnlineEM(model, step_size=1.0, burn_in=0)
+    state = em.init(jax.random.PRNGKey(0), X, y)
+    assert "posterior mode" in em.mstep_paths(state)["beta"]
+    values, state = _loglik_trace(em, state, (X, y), 30)
+
+    def neg_log_post(b):
+        lg = X @ b
+        ll = y * log_expit(lg) + (1 - y) * log_expit(-lg)
+        return -(N / n) * ll.sum() - stats.norm(0.0, 0.3).logpdf(b).sum()
+
+    ref = minimize(neg_log_post, np.zeros(3), method="BFGS", options={"gtol": 1e-10}).x
+    np.testing.assert_allclose(em.get_params(state)["beta"], ref, rtol=1e-6, atol=1e-8)
+
+
+def test_constraints_hold_after_every_update(rng):
+    """Ordered locations, simplex weights, a correlation Cholesky factor and positive
+    scales, all on the numerical path: inside their constraints after every update (and
+    in the Polyak average), and at the sample correlation in the full-batch limit."""
+
+    def model(x, K=2):
+        weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+        locs = numpyro.param("locs", jnp.array([-1.0, 1.0]), constraint=constraints.ordered_vector)
+        scale = numpyro.param("scale", jnp.ones(3), constraint=constraints.positive)
+        corr = numpyro.param("corr", jnp.eye(3), constraint=constraints.corr_cholesky)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(weights))
+            tril = scale[:, None] * corr
+            numpyro.sample(
+                "obs", dist.MultivariateNormal(locs[z][..., None], scale_tril=tril), obs=x
+            )
+
+    cov = np.array([[1.0, 0.6, -0.3], [0.6, 2.0, 0.4], [-0.3, 0.4, 0.5]])
+    z = rng.random(4000) < 0.35
+    x = rng.multivariate_normal(np.zeros(3), cov, 4000) + np.where(z, 2.0, -1.0)[:, None]
+    x = x.astype(np.float32)
+    em = OnlineEM(model, mstep={"weights": "numerical"})
+    state = em.init(jax.random.PRNGKey(0), x[:256])
+    for name in ("weights", "locs", "scale", "corr"):
+        assert em.mstep_paths(state)[name].startswith("numerical"), name
+
+    def check(p):
+        assert np.all(np.diff(np.asarray(p["locs"])) > 0)
+        np.testing.assert_allclose(np.sum(p["weights"]), 1.0, atol=1e-5)
+        assert np.all(np.asarray(p["weights"]) > 0) and np.all(np.asarray(p["scale"]) > 0)
+        corr = np.asarray(p["corr"])
+        np.testing.assert_array_equal(np.triu(corr, 1), 0.0)
+        assert np.all(np.diag(corr) > 0)
+        np.testing.assert_allclose(np.linalg.norm(corr, axis=1), 1.0, atol=1e-5)
+
+    for i in range(1, len(x) // 256):
+        state, _ = em.update(state, x[256 * i : 256 * (i + 1)])
+        check(state.params)
+        check(em.get_params(state))
+
+    em = OnlineEM(model, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x)
+    values, state = _loglik_trace(em, state, (x,), 60)
+    assert np.all(np.diff(values) >= -1e-5 * np.abs(values[1:]))
+    p = em.get_params(state)
+    w = np.asarray(p["weights"])
+    assert abs(w[1] - 0.35) < 0.03
+    corr = np.asarray(p["corr"])
+    true_corr = cov / np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
+    np.testing.assert_allclose(corr @ corr.T, true_corr, atol=0.05)
+
+
+def test_mixed_paths_closed_form_sites_at_the_numerical_optimum(rng, x64):
+    """Closed-form weights beside numerical Student-t parameters: at the joint fixed
+    point the weights are those the closed form alone gives with the numerical sites
+    held at their values (``mstep='fixed'``), and the mean responsibilities."""
+    x = _t_data(rng, 3000).astype(float)
+    em = OnlineEM(student_t_mixture, step_size=1.0, burn_in=0, init="model")
+    state = em.init(jax.random.PRNGKey(0), x, init_params={"locs": np.array([-2.0, 1.0])})
+    values, state = _loglik_trace(em, state, (x,), 80)
+    assert np.all(np.diff(values) >= -1e-10 * np.abs(values[1:]))
+    p = em.get_params(state)
+    held = {k: np.asarray(p[k]) for k in ("locs", "scales", "df")}
+    fixed = {k: "fixed" for k in held}
+    em2 = OnlineEM(student_t_mixture, step_size=1.0, burn_in=0, init="model", mstep=fixed)
+    state2 = em2.init(jax.random.PRNGKey(0), x, init_params=held)
+    for _ in range(200):
+        state2, _ = em2.update(state2, x)
+    np.testing.assert_allclose(em2.get_params(state2)["weights"], p["weights"], rtol=1e-6)
+    w, locs, scales, df = _params(p, "weights", "locs", "scales", "df")
+    lp = np.log(w)[None] + stats.t.logpdf(x[:, None], df[None], locs[None], scales[None])
+    resp = np.exp(lp - logsumexp(lp, axis=1, keepdims=True))
+    np.testing.assert_allclose(w, resp.mean(0), rtol=1e-6)
+    best, *_ = _t_mle(x)
+    assert values[-1] > best - 1e-6
+
+
+def test_numerical_plans_compare_by_value(rng):
+    """Two fits of the same model share their compiled update: the numerical M steps
+    (constraints, methods) are part of a value-hashed plan."""
+    x = _t_data(rng, 512)
+    em = OnlineEM(student_t_mixture)
+    a, b = em.init(jax.random.PRNGKey(0), x), em.init(jax.random.PRNGKey(1), x)
+    assert a.plan == b.plan and hash(a.plan) == hash(b.plan)
