@@ -210,6 +210,8 @@ class Family:
     # roles whose M-step objective is a separable quadratic in the role's value (a
     # Normal location): an ordered constraint is kept exactly by isotonic regression
     quadratic_roles: tuple = ()
+    # how the M step maximises, in words, for `OnlineEM.mstep_paths`
+    maximiser: str = "closed form"
 
     def roles(self, base: dist.Distribution) -> dict:
         """Role name -> (distribution attribute name, array)."""
@@ -686,6 +688,9 @@ PRIOR_HYPERPARAMETERS = {
 }
 
 
+# the Newton-maximiser families build on the base class above (hence the late import)
+from numpyro_onlineem.families_numeric import NUMERIC_FAMILIES  # noqa: E402
+
 _REGISTRY: list[Family] = [
     NormalFamily(),
     MultivariateNormalFamily(),
@@ -693,6 +698,7 @@ _REGISTRY: list[Family] = [
     BernoulliFamily(),
     PoissonFamily(),
     ExponentialFamily(),
+    *NUMERIC_FAMILIES,
 ]
 
 

@@ -678,7 +678,7 @@ def report(found: Recognition, plan: Plan) -> dict:
             paths[name] = "unused by the data: kept at its initial value"
             continue
         fam, role, reparam = use.family, use.role, use.reparam
-        path = f"closed form: {fam.name} {role} of site '{use.local}'"
+        path = f"{fam.maximiser}: {fam.name} {role} of site '{use.local}'"
         if reparam is not None:
             path += f" (as a {reparam}: {role} = {fam.reparams[role][reparam].formula})"
         if use.prior is not None:
