@@ -675,6 +675,24 @@ class ExponentialFamily(_PositiveRateFamily):
         return 1.0 / jnp.maximum(centers, options.prob_eps)
 
 
+class LocationFamily(Family):
+    """Not a registry entry: the ``loc`` of any real-valued distribution whose parameters
+    take the numerical M step (``StudentT``, ``Cauchy``, ``Laplace``, ...), for the
+    data-driven start only (`numpyro_onlineem.initialization`): its centres are
+    k-means++ centres of the data, as a Gaussian location's are."""
+
+    name = "location"
+    center_roles = ("loc",)
+
+    def __init__(self, event_ndim: int):
+        self.value_event_ndim = event_ndim
+        self.role_event_ndim = {"loc": event_ndim}
+
+
+LOCATION_FAMILIES = {0: LocationFamily(0), 1: LocationFamily(1)}
+"""One `LocationFamily` per event rank: module-level, so that plans compare equal."""
+
+
 # hyperparameters each conjugate prior supplies; True: shaped like the estimated site
 # (broadcast over it), False: one value per parameter block (e.g. Wishart's degrees)
 PRIOR_HYPERPARAMETERS = {

@@ -228,7 +228,7 @@ def data_driven_init(
     if mode == "model":
         return params, report
     rng = host_rng(rng_key)
-    for sp in plan.sites:
+    for sp in plan.sites + plan.center_sites:
         fam = sp.family
         for role in fam.center_roles:
             pname = sp.learned.get(role)

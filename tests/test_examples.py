@@ -58,6 +58,24 @@ def check_compare_with_nuts(module, result, out):
     assert "online estimates inside the NUTS 94% HDI" in out
 
 
+def check_numerical_m_step(module, result, out):
+    online, reference, lls = result["online"], result["reference"], result["heldout"]
+    # one pass of 5,000 points lands near the batch posterior mode scipy finds (the
+    # full run: 200,000 points, equal to 4 decimals)
+    assert lls["online EM (one pass)"] > lls["batch MAP (scipy)"] - 0.01
+    np.testing.assert_allclose(online["locs"], reference["locs"], atol=0.1)
+    np.testing.assert_allclose(online["weights"], reference["weights"], atol=0.05)
+    assert np.all(np.diff(online["locs"]) > 0) and np.all(online["df"] > 0)
+    assert result["paths"]["weights"].startswith("closed form")
+    for name in ("locs", "scales", "df"):
+        assert result["paths"][name].startswith("numerical"), result["paths"][name]
+    assert "k-means++" in result["paths"]["locs"]
+    # the example's NumPy log-likelihood agrees with OnlineEM.log_likelihood (which
+    # averages the iterates too: same parameters)
+    assert lls["online EM (one pass)"] == pytest.approx(result["package_heldout_ll"], rel=1e-5)
+    assert "constraints hold (ordered locations, positive degrees of freedom): True" in out
+
+
 # name -> (tiny command-line arguments, check of main's result and printed output)
 EXAMPLES = {
     "streaming_gmm": (
@@ -72,6 +90,10 @@ EXAMPLES = {
         "--num-points 4800 --batch-size 240 --nuts-points 240 --num-warmup 200 "
         "--num-samples 300 --num-chains 1 --no-progress".split(),
         check_compare_with_nuts,
+    ),
+    "numerical_m_step": (
+        "--num-points 5000 --test-points 2000 --no-progress".split(),
+        check_numerical_m_step,
     ),
 }
 

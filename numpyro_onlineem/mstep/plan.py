@@ -40,7 +40,13 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
 from numpyro_onlineem.estep.enumerate import Enumerate
-from numpyro_onlineem.families import Family, family_names, find_family, unwrap
+from numpyro_onlineem.families import (
+    LOCATION_FAMILIES,
+    Family,
+    family_names,
+    find_family,
+    unwrap,
+)
 from numpyro_onlineem.model import ModelSites, data_plate_frame, enum_trace
 from numpyro_onlineem.mstep.closed_form import ClosedForm
 from numpyro_onlineem.mstep.constraints import base_constraint, plan_projection
@@ -84,6 +90,9 @@ class Plan:
     unaveraged : tuple of str
         Sites whose constraint is not convex (`NOT_AVERAGED`): the Polyak average of
         values inside it can leave it, so their average is the current iterate.
+    center_sites : tuple of SitePlan
+        Where numerical location sites are read (`Recognition.center_sites`), for the
+        data-driven start only.
     """
 
     sites: tuple
@@ -95,6 +104,7 @@ class Plan:
     msteps: tuple = ()
     estep: Any = Enumerate()
     unaveraged: tuple = ()
+    center_sites: tuple = ()
 
     @property
     def default_kappa(self) -> float:
@@ -162,11 +172,11 @@ def array_attrs(fn, prefix="") -> dict:
     NumPy scalars count: ``s ** -0.5`` of a 0-d probe array is an ``np.float32``."""
     out = {}
     for key, val in vars(fn).items():
+        if key.startswith("_"):  # private helpers (Beta's own Dirichlet) are no arguments
+            continue
         if isinstance(val, dist.Distribution):
             out.update(array_attrs(val, prefix))
-        elif not key.startswith("_") and isinstance(
-            val, jax.Array | np.ndarray | np.floating | float
-        ):
+        elif isinstance(val, jax.Array | np.ndarray | np.floating | float):
             out[prefix + key] = np.asarray(val)
     return out
 
@@ -222,6 +232,10 @@ class Recognition(NamedTuple):
     numerical : tuple of str
         Sites that take the numerical M step: chosen by the user, or used in a way no
         closed form covers.
+    center_sites : tuple of SitePlan
+        For each numerical site used directly (possibly indexed) as the ``loc`` of a
+        real-valued local distribution (``StudentT(df[z], locs[z], ...)``), where it is
+        read: the data-driven start places it as it does a Gaussian location.
     """
 
     site_plans: tuple
@@ -232,6 +246,7 @@ class Recognition(NamedTuple):
     total_stats: float
     input_spec: InputSpec
     numerical: tuple = ()
+    center_sites: tuple = ()
 
 
 def make_plan(
@@ -346,11 +361,58 @@ def recognise(
                 raise UnsupportedModelError(e.reason) from None
             numerical = numerical | {e.site}
             continue
+        numerical = tuple(name for name in sites.params if name in numerical)
         return found._replace(
             fixed=tuple(name for name in sites.params if name in fixed),
-            numerical=tuple(name for name in sites.params if name in numerical),
+            numerical=numerical,
+            center_sites=_center_sites(probes, sites, numerical),
             input_spec=describe_inputs(args, kwargs, {n: probes.tr_id[n] for n in sites.observed}),
         )
+
+
+def _center_sites(probes: _Probes, sites: ModelSites, numerical: tuple) -> tuple:
+    """`Recognition.center_sites`: the local sites whose ``loc`` is a gather of one
+    numerical site, with its block map."""
+    out = []
+    for name in numerical:
+        for sname in sites.local:
+            if (sname, "loc") not in probes.deps[name]:
+                continue
+            site_id = probes.tr_id[sname]
+            grid, base_id = site_grid(site_id)
+            real = base_constraint(base_id.support) in (constraints.real, constraints.real_vector)
+            if not real or not isinstance(getattr(base_id, "loc", None), jax.Array | np.ndarray):
+                continue
+            ev = len(base_id.event_shape)
+            if ev not in LOCATION_FAMILIES:
+                continue
+            arr_id = np.asarray(base_id.loc)
+            arr_a = np.asarray(unwrap(probes.tr_a[sname]["fn"]).loc)
+            event = tuple(arr_id.shape[arr_id.ndim - ev :]) if ev else ()
+            args = (grid, event, probes.base[name], probes.ids[name], probes.rand_a[name])
+            block = _decode(arr_id, arr_a, *args)
+            data_axis = (
+                len(log_prob_shape(site_id)) + data_plate_frame(site_id, sites.data_plate).dim
+            )
+            if block is None or not np.all(block == np.take(block, [0], axis=data_axis)):
+                continue
+            out.append(
+                SitePlan(
+                    site=sname,
+                    family=LOCATION_FAMILIES[ev],
+                    data_axis=data_axis,
+                    attrs={"loc": "loc"},
+                    learned={"loc": name},
+                    cell_ids=None,
+                    num_cells=0,
+                    groups={},
+                    block_maps={"loc": np.take(block, 0, axis=data_axis)},
+                    priors={},
+                    reparams={},
+                )
+            )
+            break
+    return tuple(out)
 
 
 def _probe(model, sites, params, args, kwargs, fixed) -> _Probes:
@@ -634,6 +696,7 @@ def build(
         input_spec=found.input_spec,
         stats_per_component=found.total_stats / found.num_states,
         msteps=tuple(msteps),
+        center_sites=found.center_sites,
         unaveraged=tuple(
             name
             for name, ps in sites.params.items()
