@@ -153,18 +153,22 @@ def batch_statistics(
     indices=batch_indices,
 ) -> BatchStatistics:
     """E step on one batch, then every M step's statistics, about ``shifts`` (``None``:
-    about this batch's own `data_shifts`, as at ``init``), the data plate's subsample
-    drawn by ``indices`` (see `numpyro_onlineem.model.enum_trace`)."""
+    about this batch's own `data_shifts` and M-step references, as at ``init``), the
+    data plate's subsample drawn by ``indices`` (see `numpyro_onlineem.model.enum_trace`)."""
     sites = plan.model_sites
     trace = enum_trace(config.model, sites, params, args, kwargs, indices)
-    if shifts is None:
+    fresh = shifts is None
+    if fresh:
         shifts = data_shifts(plan, trace)
     res = plan.estep(trace, sites, shifts)
     batch_size, total_size = num_data(trace, sites)
     weights = jax.lax.stop_gradient(res.weights)
 
+    def trace_at(values: dict) -> OrderedDict:
+        return enum_trace(config.model, sites, values, args, kwargs, indices)
+
     def expected_log_joint(values: dict) -> tuple[jax.Array, dict]:
-        tr = enum_trace(config.model, sites, values, args, kwargs, indices)
+        tr = trace_at(values)
         log_probs, _ = local_log_probs(tr, sites)
         local = sum(jnp.sum(weights[n] * log_probs[n]) for n in sites.local)
         priors = {
@@ -175,8 +179,11 @@ def batch_statistics(
         return local / batch_size, priors
 
     batch = EStepBatch(
-        trace, res.weights, shifts, batch_size, total_size, params, expected_log_joint
+        trace, res.weights, shifts, batch_size, total_size, params, expected_log_joint, trace_at
     )
+    if fresh:  # the fixed reference points of the M steps that take one (MStep.reference)
+        refs = {m.name: m.reference(batch) for m in plan.msteps if hasattr(m, "reference")}
+        batch = batch._replace(shifts={**shifts, **refs})
     stats = {m.name: m.statistics(batch) for m in plan.msteps}
     return BatchStatistics(res.loglik, stats, batch)
 

@@ -341,7 +341,7 @@ def _check_prior_weight(plan) -> None:
     M step weighs a global site's prior against it as if the batch were the whole data
     set: against one point for a single point, so the prior would dominate the fit (the
     locations of a mixture all end at the prior's mean)."""
-    with_prior = [name for sp in plan.sites for name in sp.priors.values()]
+    with_prior = [name for sp in (*plan.sites, *plan.linear) for name in sp.priors.values()]
     if with_prior and plan.model_sites.sized_by_batch:
         plate = plan.model_sites.data_plate
         raise ValueError(

@@ -14,8 +14,13 @@ three pure functions:
   values of its sites (every other entry of ``params`` returned unchanged) from the
   running statistics.
 
-Three implementations: `numpyro_onlineem.mstep.closed_form` (exponential-family
-sites), `numpyro_onlineem.mstep.numerical` (generalized EM: Newton or optax steps on
+An M step may also have ``reference(batch) -> Array``: a fixed point its statistics are
+taken about, computed once from the init batch and kept in
+``OnlineEMState.shifts[name]`` (read back as ``batch.shifts[name]``).
+
+Four implementations: `numpyro_onlineem.mstep.closed_form` (exponential-family
+sites), `numpyro_onlineem.mstep.linear` (weighted least squares for a Normal location
+linear in a site), `numpyro_onlineem.mstep.numerical` (generalized EM: Newton or optax steps on
 the expected complete-data log-likelihood, in unconstrained space) and
 `numpyro_onlineem.mstep.fixed` (sites held at their initial value). Another path is one
 new module implementing the same three functions; the plan chooses it per site and the
@@ -56,6 +61,10 @@ class EStepBatch(NamedTuple):
         $\bar q(\theta) = |B|^{-1} \\sum_i E_{p(z_i \\mid x_i, \theta')}
         [\\log p(x_i, z_i \\mid \theta)]$ (shape ``()``), and the log-prior of every global
         site at ``params`` (``{site: ()}``). Numerical M steps optimise it.
+    trace_at : callable or None
+        ``params -> OrderedDict``: the model's trace on the batch at other values of the
+        estimated sites (the same data and subsample). The weighted least squares of
+        `numpyro_onlineem.mstep.linear` differentiates a location through it.
     """
 
     trace: OrderedDict
@@ -65,6 +74,7 @@ class EStepBatch(NamedTuple):
     total_size: float
     params: dict
     expected_log_joint: Callable
+    trace_at: Callable | None = None
 
 
 class MStepContext(NamedTuple):

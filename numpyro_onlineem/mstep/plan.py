@@ -49,8 +49,9 @@ from numpyro_onlineem.families import (
 )
 from numpyro_onlineem.model import ModelSites, data_plate_frame, enum_trace
 from numpyro_onlineem.mstep.closed_form import ClosedForm
-from numpyro_onlineem.mstep.constraints import base_constraint, plan_projection
+from numpyro_onlineem.mstep.constraints import base_constraint, implies, plan_projection
 from numpyro_onlineem.mstep.fixed import Fixed
+from numpyro_onlineem.mstep.linear import LinearGaussian, LinearSite
 from numpyro_onlineem.mstep.numerical import NEWTON_MAX_DIM, Numerical
 from numpyro_onlineem.mstep.sites import SitePlan, log_prob_shape, site_grid
 from numpyro_onlineem.schedules import default_burn_in, default_kappa, default_polyak
@@ -93,6 +94,9 @@ class Plan:
     center_sites : tuple of SitePlan
         Where numerical location sites are read (`Recognition.center_sites`), for the
         data-driven start only.
+    linear : tuple of LinearSite
+        Normal sites whose location is linear in an estimated site, fitted by weighted
+        least squares (`numpyro_onlineem.mstep.linear`).
     """
 
     sites: tuple
@@ -105,6 +109,7 @@ class Plan:
     estep: Any = Enumerate()
     unaveraged: tuple = ()
     center_sites: tuple = ()
+    linear: tuple = ()
 
     @property
     def default_kappa(self) -> float:
@@ -200,14 +205,16 @@ def _to_support(constraint: Static, u: jax.Array) -> jax.Array:
 
 class SiteUse(NamedTuple):
     """How the probes found one estimated site used: as ``role`` of the local
-    ``family`` site ``local``, directly or through the reparametrisation ``reparam``,
-    and (for a global site) with the prior ``prior``."""
+    ``family`` site ``local``, directly or through the reparametrisation ``reparam``, or
+    (``linear``) as the coefficients of a location linear in it, and (for a global site)
+    with the prior ``prior``."""
 
     local: str
     role: str
     family: Family
     reparam: str | None
     prior: Any = None
+    linear: bool = False
 
 
 class Recognition(NamedTuple):
@@ -236,6 +243,9 @@ class Recognition(NamedTuple):
         For each numerical site used directly (possibly indexed) as the ``loc`` of a
         real-valued local distribution (``StudentT(df[z], locs[z], ...)``), where it is
         read: the data-driven start places it as it does a Gaussian location.
+    linear : tuple of LinearSite
+        Normal sites whose location is linear in an estimated site (weighted least
+        squares, `numpyro_onlineem.mstep.linear`), before `build` adds their priors.
     """
 
     site_plans: tuple
@@ -247,6 +257,7 @@ class Recognition(NamedTuple):
     input_spec: InputSpec
     numerical: tuple = ()
     center_sites: tuple = ()
+    linear: tuple = ()
 
 
 def make_plan(
@@ -324,6 +335,7 @@ class _Probes(NamedTuple):
     tr_id: dict
     tr_a: dict
     deps: dict
+    retrace: Callable = None
 
 
 class _NotClosedForm(Exception):
@@ -422,8 +434,11 @@ def _probe(model, sites, params, args, kwargs, fixed) -> _Probes:
     constants = {name: params[name] for name in sites.params if name in fixed}
     ids, rand_a, rand_b, base = _probe_values(sites, names)
 
+    def retrace(values):
+        return enum_trace(model, sites, {**constants, **values}, args, kwargs)
+
     def run(values):
-        tr = enum_trace(model, sites, {**constants, **values}, args, kwargs)
+        tr = retrace(values)
         return tr, {s["name"]: array_attrs(s["fn"]) for s in tr.values() if s["type"] == "sample"}
 
     tr_id, _ = run(ids)
@@ -440,16 +455,16 @@ def _probe(model, sites, params, args, kwargs, fixed) -> _Probes:
                 v.shape != attrs_j[s][a].shape or not np.allclose(v, attrs_j[s][a], equal_nan=True)
             )
         }
-    return _Probes(names, ids, rand_a, base, tr_id, tr_a, deps)
+    return _Probes(names, ids, rand_a, base, tr_id, tr_a, deps, retrace)
 
 
 def _closed_form_uses(probes: _Probes, sites: ModelSites, numerical: frozenset) -> Recognition:
     """How every estimated site outside ``numerical`` is used, for the closed form;
     `_NotClosedForm` for the first site it does not cover. Roles read from numerical
     sites are constants to the closed form (statistics given their current value)."""
-    names, ids, rand_a, base, tr_id, tr_a, deps = probes
+    names, ids, rand_a, base, tr_id, tr_a, deps, _ = probes
     closed = [n for n in names if n not in numerical]
-    site_plans, uses = [], {name: [] for name in closed}
+    site_plans, linear, uses = [], [], {name: [] for name in closed}
     for sname in sites.local:
         site_id, site_a = tr_id[sname], tr_a[sname]
         grid, base_id = site_grid(site_id)
@@ -461,6 +476,7 @@ def _closed_form_uses(probes: _Probes, sites: ModelSites, numerical: frozenset) 
         roles_id = family.roles(base_id)
         roles_a = family.roles(unwrap(site_a["fn"]))
         attrs, learned, block_maps, nblocks, reparams = {}, {}, {}, {}, {}
+        linear_loc = None
         for role, (attr, arr_id) in roles_id.items():
             attrs[role] = attr
             used_by = [n for n in names if any((sname, a) in deps[n] for a in family.attrs(role))]
@@ -493,6 +509,11 @@ def _closed_form_uses(probes: _Probes, sites: ModelSites, numerical: frozenset) 
                     if rp is not None:
                         reparams[role] = rp.name
                     break
+            if block is None and family.name == "Normal" and role == "loc":
+                found = _linear_loc(probes, sites, sname, pname, grid, data_axis)
+                if found is not None:
+                    linear_loc = (pname, *found)
+                    continue
             if block is None:
                 known = [rp.formula for rp in family.reparams.get(role, {}).values()]
                 also = f" or through one of {known}" if known else ""
@@ -515,6 +536,29 @@ def _closed_form_uses(probes: _Probes, sites: ModelSites, numerical: frozenset) 
             )
             learned[role] = pname
             uses[pname].append(SiteUse(sname, role, family, reparams.get(role)))
+        if linear_loc is not None:
+            coef, blocks, position_block = linear_loc
+            scale = learned.get("scale")
+            linear.append(
+                LinearSite(
+                    site=sname,
+                    family=family,
+                    coef=coef,
+                    coef_shape=tuple(sites.params[coef].shape),
+                    data_axis=data_axis,
+                    blocks=blocks,
+                    position_block=position_block,
+                    scale=scale,
+                    scale_groups=()
+                    if scale is None
+                    else (block_maps["scale"].reshape(-1).astype(np.int32), nblocks["scale"]),
+                    scale_shape=() if scale is None else tuple(sites.params[scale].shape),
+                    scale_reparam=reparams.get("scale"),
+                    attrs=dict(attrs),
+                )
+            )
+            uses[coef].append(SiteUse(sname, "loc", family, None, linear=True))
+            continue
         if not learned:
             continue
         site_plans.append(
@@ -547,7 +591,8 @@ def _closed_form_uses(probes: _Probes, sites: ModelSites, numerical: frozenset) 
             )
         use = uses[name][0] if uses[name] else None
         if use is not None and sites.params[name].kind == "global":
-            use = use._replace(prior=_check_prior(name, use, tr_a, deps, names, site_plans))
+            site_attrs = {sp.site: sp.attrs for sp in (*site_plans, *linear)}
+            use = use._replace(prior=_check_prior(name, use, tr_a, deps, names, site_attrs))
         checked[name] = use
 
     cardinalities = [
@@ -561,7 +606,7 @@ def _closed_form_uses(probes: _Probes, sites: ModelSites, numerical: frozenset) 
     )
     total_stats = sum(
         sp.num_cells * sp.family.num_stats(unwrap(tr_id[sp.site]["fn"])) for sp in site_plans
-    )
+    ) + sum(ls.num_stats() for ls in linear)
     return Recognition(
         site_plans=tuple(site_plans),
         uses=checked,
@@ -570,7 +615,57 @@ def _closed_form_uses(probes: _Probes, sites: ModelSites, numerical: frozenset) 
         full_dims=full_dims,
         total_stats=float(total_stats),
         input_spec=None,
+        linear=tuple(linear),
     )
+
+
+def _linear_loc(probes: _Probes, sites: ModelSites, sname: str, pname: str, grid, data_axis):
+    r"""Whether the location of Normal site ``sname`` is affine in site ``pname``, each
+    grid position reading one block of its coefficients: ``(blocks, position_block)``
+    for `numpyro_onlineem.mstep.linear.LinearSite`, ``None`` otherwise.
+
+    The model is traced (once, compiled) at $\beta = 0$ and two random values, with its
+    Jacobian $J$ at 0, every other site at its random probe value: the location is
+    affine when $\mu(b) = \mu(0) + J b$ at both. The positions off the data axis
+    must each read a set of coefficients (the nonzero columns of $J$ over the data)
+    that is either the set of another position or disjoint from it, all of one size.
+    """
+    if not implies(constraints.real, sites.params[pname].constraint):
+        return None
+    shape = tuple(sites.params[pname].shape)
+    dtype = jnp.result_type(float)
+    others = {n: jnp.asarray(v) for n, v in probes.rand_a.items() if n != pname}
+
+    def loc(b):
+        fn = unwrap(probes.retrace({**others, pname: b})[sname]["fn"])
+        return jnp.broadcast_to(
+            jnp.reshape(fn.loc, (1,) * (len(grid) - jnp.ndim(fn.loc)) + jnp.shape(fn.loc)), grid
+        )
+
+    rng = np.random.default_rng(20092)
+    points = np.stack([np.zeros(shape), rng.normal(size=shape), rng.normal(size=shape)])
+    try:
+        values, jac = jax.jit(lambda bs: (jax.vmap(loc)(bs), jax.jacfwd(loc)(bs[0])))(
+            jnp.asarray(points, dtype)
+        )
+    except Exception:  # a model that cannot be differentiated or batched: not linear
+        return None
+    values, jac = np.asarray(values, float), np.asarray(jac, float)
+    size = int(np.prod(shape, dtype=int))
+    jac = jac.reshape(tuple(grid) + (size,))
+    for b, value in zip(points[1:], values[1:], strict=True):
+        predicted = values[0] + jac @ b.reshape(-1)
+        tol = 1e-4 * (np.max(np.abs(jac) @ np.abs(b.reshape(-1))) + np.max(np.abs(values[0])))
+        if not np.all(np.isfinite(value)) or np.max(np.abs(value - predicted)) > tol + 1e-30:
+            return None
+    jac = np.moveaxis(jac, data_axis, 0)
+    reads = np.any(jac.reshape(jac.shape[0], -1, size) != 0, axis=0)  # (P, size)
+    sets, position_block = np.unique(reads, axis=0, return_inverse=True)
+    counts = sets.sum(1)
+    if counts.min() == 0 or len(set(counts)) > 1 or sets.sum(0).max() > 1:
+        return None
+    blocks = np.stack([np.flatnonzero(row) for row in sets]).astype(np.int32)
+    return blocks, position_block.reshape(-1).astype(np.int32)
 
 
 def _site_plan(
@@ -624,12 +719,13 @@ def _site_plan(
     )
 
 
-def _check_prior(name, use: SiteUse, tr_a, deps, names, site_plans):
+def _check_prior(name, use: SiteUse, tr_a, deps, names, site_attrs: dict):
     """The prior of global site ``name``, when it has a closed-form posterior mode in
-    its use; an `UnsupportedModelError` naming the conjugate choices otherwise."""
+    its use; an `UnsupportedModelError` naming the conjugate choices otherwise.
+    ``site_attrs``: local site -> role -> the distribution attribute it is read from."""
     fam, role, reparam = use.family, use.role, use.reparam
     prior_fn = unwrap(tr_a[name]["fn"])
-    attr = next(sp for sp in site_plans if sp.site == use.local).attrs[role]
+    attr = site_attrs[use.local][role]
     if not fam.accepts_prior(role, attr, prior_fn, reparam):
         what = role
         if reparam is not None:
@@ -662,8 +758,12 @@ def build(
     defaults that depend on the model (its ``paths`` are left to `report`).
     ``optimizers``: site -> the optax optimizer the user gave it."""
     site_plans = {sp.site: sp for sp in found.site_plans}
+    linear = {ls.site: ls for ls in found.linear}
     for name, use in found.uses.items():
         if use is None:
+            continue
+        if use.local in linear:
+            linear[use.local] = _linear_with(linear[use.local], name, use, sites)
             continue
         sp = site_plans[use.local]
         fam, role = use.family, use.role
@@ -685,11 +785,13 @@ def build(
         ClosedForm(sp, {role: sites.params[p].shape for role, p in sp.learned.items()})
         for sp in plans
     ]
+    msteps.extend(LinearGaussian(ls) for ls in linear.values())
     msteps.extend(_numerical_groups(found.numerical, sites, optimizers or {}, numerical_steps))
     if found.fixed:
         msteps.append(Fixed(found.fixed))
     return Plan(
         sites=plans,
+        linear=tuple(linear.values()),
         paths={},
         model_sites=sites,
         default_burn_in=default_burn_in(found.num_states, list(found.full_dims)),
@@ -703,6 +805,25 @@ def build(
             if base_constraint(ps.constraint) in NOT_AVERAGED
         ),
     )
+
+
+def _linear_with(ls: LinearSite, name: str, use: SiteUse, sites: ModelSites) -> LinearSite:
+    """A linear site with the prior of ``name`` (its coefficients, or its scale) and
+    the projection that keeps its scale inside the scale site's constraint."""
+    if use.prior is not None:
+        ls = ls._replace(priors={**ls.priors, use.role: name})
+    if use.role == "scale":
+        fam = use.family
+        projection = plan_projection(
+            name,
+            sites.params[name].constraint,
+            fam.support("scale", "scale", use.reparam),
+            quadratic=False,
+            scalar_blocks=True,
+            direct=use.reparam is None,
+        )
+        ls = ls._replace(projection=projection)
+    return ls
 
 
 def _numerical_groups(names: tuple, sites: ModelSites, optimizers: dict, steps: int) -> list:
@@ -727,6 +848,7 @@ def _numerical_groups(names: tuple, sites: ModelSites, optimizers: dict, steps: 
 def report(found: Recognition, plan: Plan) -> dict:
     """For each estimated site, in the model's order, the M step it takes, in words."""
     site_plans = {sp.site: sp for sp in plan.sites}
+    linear = {ls.site: ls for ls in plan.linear}
     numerical = plan.numerical_sites
     paths = {}
     for name, ps in plan.model_sites.params.items():
@@ -739,6 +861,9 @@ def report(found: Recognition, plan: Plan) -> dict:
         use = found.uses[name]
         if use is None:
             paths[name] = "unused by the data: kept at its initial value"
+            continue
+        if use.local in linear:
+            paths[name] = _linear_path(name, use, linear[use.local])
             continue
         fam, role, reparam = use.family, use.role, use.reparam
         path = f"{fam.maximiser}: {fam.name} {role} of site '{use.local}'"
@@ -754,6 +879,29 @@ def report(found: Recognition, plan: Plan) -> dict:
             path += f"; kept in its constraint {ps.constraint} by {how}"
         paths[name] = path
     return paths
+
+
+def _linear_path(name: str, use: SiteUse, ls: LinearSite) -> str:
+    """`report`'s words for a site of a weighted-least-squares M step."""
+    goal = "maximum likelihood"
+    if use.prior is not None:
+        goal = f"posterior mode under its {use.prior.__name__} prior"
+    if use.linear:
+        blocks, size = ls.blocks.shape
+        how = f"{blocks} blocks of {size} coefficients" if blocks > 1 else f"{size} coefficients"
+        return (
+            f"closed form: weighted least squares, Normal loc of site '{ls.site}' linear "
+            f"in '{name}' ({how}), {goal}"
+        )
+    path = f"closed form: Normal scale of site '{ls.site}'"
+    if use.reparam is not None:
+        path += (
+            f" (as a {use.reparam}: scale = {use.family.reparams['scale'][use.reparam].formula})"
+        )
+    path += f", from the residuals of the weighted least squares of '{ls.coef}', {goal}"
+    if ls.projection is not None:
+        path += "; kept in its constraint by clipping"
+    return path
 
 
 def _numerical_path(name: str, ps, m: Numerical) -> str:
