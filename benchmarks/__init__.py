@@ -2,5 +2,6 @@
 
 Run them as modules from the repository root, so that they import the project's
 package and the models of the tests (`tests.models`) from this checkout:
-``python -m benchmarks.gmm_stream`` and ``python -m benchmarks.fresh_fit`` (``--help``).
+``python -m benchmarks.gmm_stream``, ``python -m benchmarks.fresh_fit`` and
+``python -m benchmarks.generalized_em`` (``--help``).
 """

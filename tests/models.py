@@ -60,3 +60,16 @@ def logistic_mixture(X, y, K=2):
     with numpyro.plate("data", X.shape[0]):
         z = numpyro.sample("z", dist.Categorical(weights))
         numpyro.sample("y", dist.Bernoulli(logits=jnp.sum(X * beta[z], -1)), obs=y)
+
+
+def gamma_mixture(x, K=3):
+    """Mixture of Gamma distributions: shapes (``concentration``) and ``rate`` per
+    component."""
+    weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+    concentration = numpyro.param(
+        "concentration", 2.0 * jnp.ones(K), constraint=constraints.positive
+    )
+    rate = numpyro.param("rate", jnp.logspace(-1.0, 1.0, K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("obs", dist.Gamma(concentration[z], rate[z]), obs=x)

@@ -1,0 +1,55 @@
+"""The benchmarks' own arithmetic, and a smoke run of `benchmarks.generalized_em`."""
+
+import numpy as np
+from scipy import stats
+from scipy.special import expit
+
+from benchmarks import generalized_em as gem
+
+
+def test_component_logliks_match_scipy(rng):
+    """The NumPy log-densities every method is scored by, against scipy.stats."""
+    for name, bench in gem.BENCHES.items():
+        arrays = bench.sample(rng, 50)
+        got = bench.component_loglik(bench.truth, arrays)
+        p = bench.truth
+        if name == "gamma":
+            x = arrays[0][:, None].astype(float)
+            want = stats.gamma.logpdf(x, p["concentration"], scale=1 / p["rate"])
+        elif name == "student_t":
+            x = arrays[0][:, None].astype(float)
+            want = stats.t.logpdf(x, p["df"], p["locs"], p["scales"])
+        else:
+            X, y = arrays
+            prob = expit(X.astype(float) @ p["beta"].T)
+            want = stats.bernoulli.logpmf(y[:, None], prob)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_pack_unpack_round_trip():
+    for bench in gem.BENCHES.values():
+        v = gem._pack(bench.spec, bench.truth)
+        for name, value in gem._unpack(bench.spec, v).items():
+            np.testing.assert_allclose(value, bench.truth[name], rtol=1e-12)
+
+
+def test_generalized_em_smoke(capsys):
+    """Tiny sizes: the Gamma mixture's table, its M-step paths, and the benchmark's
+    held-out score of OnlineEM's estimates equal to ``OnlineEM.log_likelihood``."""
+    argv = "--num-points 3000 --num-test 1000 --passes 2 --evals 2 --models gamma"
+    args = gem.parse_args([*argv.split(), "--svi-lrs", "0.05"])
+    result = gem.main(args)["gamma"]
+    out = capsys.readouterr().out
+    for line in ("| OEM (defaults) |", "| SVI Adam lr=0.05 |", "| scipy L-BFGS-B", "rate: "):
+        assert line in out
+    oem, svi = result["oem"], result["svi"]
+    assert set(oem["paths"]) == {"weights", "concentration", "rate"}
+    for curve in (oem["curve"], svi["curve"]):
+        assert len(curve.loglik) == 1 + 2 * 2 and np.all(np.isfinite(curve.loglik))
+        assert np.all(np.diff(curve.seconds) >= 0) and curve.loglik[-1] > curve.loglik[0]
+    # the optimum is the optimum: no online fit of 3,000 points beats it by much
+    assert oem["curve"].loglik.max() < result["ll_star"] + 0.02
+    em, state = oem["em"], oem["state"]
+    x_test = gem.make_data(gem.BENCHES["gamma"], args, 0).test
+    ours = gem.mean_loglik(gem.BENCHES["gamma"], em.get_params(state), x_test)
+    np.testing.assert_allclose(ours, float(np.mean(em.log_likelihood(state, *x_test))), rtol=1e-5)
