@@ -37,7 +37,7 @@ import jax
 
 
 class EStepBatch(NamedTuple):
-    """What the E step of one batch gives the M steps.
+    r"""What the E step of one batch gives the M steps.
 
     Attributes
     ----------
@@ -58,8 +58,8 @@ class EStepBatch(NamedTuple):
     expected_log_joint : callable
         ``params -> (local, priors)``: the batch's expected complete-data
         log-likelihood per datum at ``params``, with the E step's posterior held fixed,
-        $\bar q(\theta) = |B|^{-1} \\sum_i E_{p(z_i \\mid x_i, \theta')}
-        [\\log p(x_i, z_i \\mid \theta)]$ (shape ``()``), and the log-prior of every global
+        $\bar q(\theta) = |B|^{-1} \sum_i E_{p(z_i \mid x_i, \theta')}
+        [\log p(x_i, z_i \mid \theta)]$ (shape ``()``), and the log-prior of every global
         site at ``params`` (``{site: ()}``). Numerical M steps optimise it.
     trace_at : callable or None
         ``params -> OrderedDict``: the model's trace on the batch at other values of the

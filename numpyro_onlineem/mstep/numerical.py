@@ -18,29 +18,23 @@ as the data plate states it: $N$ times its per-datum average, against the log-pr
 Two methods, both pure and jittable, both with their state in the inference state:
 
 ``"newton"`` (the default up to `NEWTON_MAX_DIM` unconstrained numbers): recursive EM
-with the complete-data information (Titterington 1984). The statistics of a batch are
-the second-order expansion of its per-datum $Q$ at the current value $u'$: the
-information $H = -\nabla^2_u \bar q(u')$ and $b = H u' + \nabla_u \bar q(u')$. Online
-EM keeps their stochastic approximation $\hat H, \hat b$, exactly as it does the
-sufficient statistics of a closed-form site, and the M step maximises the averaged
-model, $u = \hat H^{-1} \hat b$. Written as a recursion this is
+with the complete-data information (Titterington 1984),
 
 $$
-u_n = u_{n-1} + \gamma_n \hat H_n^{-1} \nabla_u \bar q_n(u_{n-1}),
+u_n = u_{n-1} + \gamma_n |\hat H_n|^{-1} \nabla_u \bar q_n(u_{n-1}), \qquad
+\hat H_n = \hat H_{n-1} + \gamma_n (H_n - \hat H_{n-1}),
 $$
 
-Titterington's update with the information estimated online; for an exponential-family
-site in its natural parameters it is Cappé–Moulines's online EM. By Fisher's identity
+with $H_n = -\nabla^2_u \bar q_n(u_{n-1})$ the batch's complete-data information per
+datum, kept as a stochastic approximation exactly like a closed-form site's sufficient
+statistics (its "statistics"); for an exponential-family site in its natural
+parameters this is Cappé–Moulines's online EM. $|\hat H|$ has the absolute eigenvalues
+of $\hat H$, floored at `EIGEN_FLOOR` times the largest, so the step is an ascent
+direction even where $Q$ is not concave. By Fisher's identity
 $\nabla_u \bar q_n(u_{n-1})$ is the gradient of the batch's marginal log-likelihood, so
 under the Robbins–Monro conditions ($\sum\gamma = \infty$, $\sum\gamma^2 < \infty$)
 the iterates converge to a stationary point of the (penalised) marginal
 log-likelihood, and Polyak averaging with $\kappa < 1$ gives them the efficient rate.
-The model is made safe where $\hat H$ is not positive definite (far from a
-maximum, or a direction no data has informed): its eigenvalues are replaced by their
-absolute values, floored at ``1e-6`` of the largest, and the step is cut to a trust
-region of `TRUST_RADIUS` in the metric of that matrix (a predicted gain of at most
-``TRUST_RADIUS**2 / 2`` nats per datum), which is scale-free: a location in
-thousands and a log-scale take steps of the same predicted gain.
 
 ``"optax"`` (above `NEWTON_MAX_DIM`, or with an optimizer of the user's):
 ``steps`` optimizer steps on the batch's $-\bar q$, under ``lax.scan``, the E-step
@@ -49,6 +43,11 @@ its updates scaled by the Robbins–Monro decay $\gamma(t) / \gamma(0)$ of the
 statistics' schedule. With one step it is stochastic gradient ascent on the marginal
 log-likelihood (Fisher's identity), which converges to a stationary point under the
 same conditions; Adam's preconditioning keeps it scale-free in practice.
+
+Both end with `cap_step` (a value behind a nonlinear transform moves by at most
+`MAX_STEP`) and `ascent` (Armijo backtracking on the batch's $\bar q_n$): every update
+increases the batch's expected complete-data log-likelihood, a generalized EM step, so
+the full-batch limit never decreases the marginal log-likelihood.
 """
 
 from __future__ import annotations
