@@ -136,14 +136,10 @@ class Numerical(NamedTuple):
     def _optimizer(self) -> optax.GradientTransformation:
         return default_optimizer() if self.optimizer is None else self.optimizer
 
-    def _linear(self) -> jax.Array:
-        """Per unconstrained value, whether its site's transform is the identity (a real
-        site): the cap `MAX_STEP` applies to the others."""
-        flags = []
-        for n, c in zip(self.sites, self.constraints, strict=True):
-            del n
-            flags.append(isinstance(biject_to(c), IdentityTransform))
-        return flags
+    def _linear(self) -> list:
+        """Per site, whether its transform is the identity (a real site): the cap
+        `MAX_STEP` applies to the others."""
+        return [isinstance(biject_to(c), IdentityTransform) for c in self.constraints]
 
     def init(self, params: dict) -> Any:
         if self.method == "newton":
