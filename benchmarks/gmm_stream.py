@@ -2,11 +2,13 @@
 
 One run, one table. For every case (dimension D, components K, covariance type) the
 four methods see the same synthetic stream and start from the same parameters
-(k-means++ centres of the first batch, uniform weights, and the pooled within-cluster
-variance of that batch for every component):
+(k-means++ centres of the first points, uniform weights, and the pooled within-cluster
+variance of those points for every component). The first points are ``50 K`` rounded
+up to whole batches (256 at K=5, 1,024 at K=20), what ``OnlineEM.run`` gives ``init`` by
+default (`numpyro_onlineem.schedules.default_init_points`):
 
-* **OEM**: ``OnlineEM.run(key, x, batch_size=B, progress_bar=False)``; the first batch
-  initialises (``init_params`` with ``init="model"``), the other N points update.
+* **OEM**: ``OnlineEM.run(key, x, batch_size=B, progress_bar=False)``; the first points
+  initialise (``init_params`` with ``init="model"``), the other N points update.
 * **JAX**: the same online EM math written by hand in plain JAX, jitted ``lax.scan``
   over the batches: responsibilities by logsumexp, running sufficient statistics with
   the same Robbins-Monro steps, burn-in and Polyak averaging, closed-form M step. It is

@@ -15,6 +15,7 @@ import numpy as np
 from benchmarks.data import initial_params, make_mixture, mean_loglik, sample_mixture
 from benchmarks.handwritten import T0, config_from_plan, jax_init, jax_scan
 from numpyro_onlineem import OnlineEM, robbins_monro
+from numpyro_onlineem.schedules import default_init_points
 from tests.models import gmm_diag, gmm_full
 
 MODELS = {"diag": gmm_diag, "full": gmm_full}
@@ -95,8 +96,9 @@ class Case(NamedTuple):
         Dimension and number of components.
     covariance : str
         ``"diag"`` or ``"full"``.
-    x0 : ndarray, shape (B, D)
-        The first batch: k-means++ and the initial statistics.
+    x0 : ndarray, shape (N0, D)
+        The first points (`init_size`, whole batches): k-means++ and the initial
+        statistics.
     x : ndarray, shape (N, D)
         The rest of the stream, ``N`` a whole number of evaluation segments.
     x_test : ndarray
@@ -105,6 +107,7 @@ class Case(NamedTuple):
         Batches between two held-out evaluations.
     p0 : dict
         Starting parameters of every method.
+    batch_size : int
     ll_star : float
         Held-out LL of the converged batch fit.
     """
@@ -117,11 +120,8 @@ class Case(NamedTuple):
     x_test: np.ndarray
     per_eval: int
     p0: dict
+    batch_size: int
     ll_star: float = np.nan
-
-    @property
-    def batch_size(self):
-        return len(self.x0)
 
     def segments_of(self, x):
         """``x`` (N, D) cut into evaluation segments, shape (evals, points, D)."""
@@ -236,12 +236,22 @@ def stream_sizes(num_points, batch_size, evals):
     return num_batches // per_eval * per_eval * batch_size, per_eval
 
 
+def init_size(batch_size, k):
+    """Points of the shared start: OnlineEM's default for ``run``
+    (`numpyro_onlineem.schedules.default_init_points`: 50 per component), rounded up to
+    whole batches."""
+    n0 = default_init_points(k, 0.0, batch_size)
+    return -(-n0 // batch_size) * batch_size
+
+
 def make_case(args, d, k, covariance, n, per_eval):
-    """Data (the same for both covariance types of a ``(D, K)``) and starting values."""
+    """Data (the same for both covariance types of a ``(D, K)``) and starting values
+    (k-means++ over the first `init_size` points)."""
     mixture = make_mixture(args.seed, d, k)
     rng = np.random.default_rng([args.seed, d, k, 1])
-    stream = sample_mixture(rng, mixture, args.batch_size + n)
+    n0 = init_size(args.batch_size, k)
+    stream = sample_mixture(rng, mixture, n0 + n)
     x_test = sample_mixture(rng, mixture, args.num_test)
-    x0, x = stream[: args.batch_size], stream[args.batch_size :]
+    x0, x = stream[:n0], stream[n0:]
     p0 = initial_params(args.seed, x0, k, covariance)
-    return Case(d, k, covariance, x0, x, x_test, per_eval, p0)
+    return Case(d, k, covariance, x0, x, x_test, per_eval, p0, args.batch_size)

@@ -122,9 +122,11 @@ def header(args, sizes):
     tol = args.gap
     return (
         f"# GMM stream benchmark. {machine()}.\n"
-        f"# Batch size {args.batch_size}; stream N (updates, after the init batch): "
+        f"# Batch size {args.batch_size}; stream N (updates, after the init points): "
         + ", ".join(f"D={d}: {n:,}" for d, (n, _) in sizes.items())
         + f"; {args.num_test:,} held-out points; held-out LL every 1/{args.evals} pass.\n"
+        "# Shared start: k-means++ over the first 50 K points (whole batches; OnlineEM.run's"
+        " default init_points), which also initialise OEM's and JAX's statistics.\n"
         "# kpt/s: thousand points per second, compile excluded, fastest of >="
         f" {args.repeats} passes (>= {MIN_TIMED_SECONDS:g} s of them; OEM and JAX timed in"
         " turn; skl: N x iterations / fit time). OEM = OnlineEM.run;"

@@ -27,7 +27,7 @@ from numpyro_onlineem.model import (
 from numpyro_onlineem.mstep.plan import MSTEP_PATHS, array_attrs, make_plan
 from numpyro_onlineem.mstep.sites import site_grid
 from numpyro_onlineem.runner import run_stream
-from numpyro_onlineem.schedules import Schedule, as_schedule
+from numpyro_onlineem.schedules import Schedule, as_schedule, default_init_points
 from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState, UpdateInfo
 from numpyro_onlineem.stream import (
     add_batch_axis,
@@ -344,9 +344,11 @@ class OnlineEM:
         init_points : int, optional
             Without ``init_state``, `init` takes the first ``init_points`` points of the
             stream (single points and small batches are buffered for it), the updates the
-            rest, so every point is used once. Default: the plan's burn-in, and at least
-            ``step_points`` (256): k-means++ needs points from every component, and the
-            burn-in would hold the parameters for those points anyway.
+            rest, so every point is used once. Default: the plan's burn-in, at least
+            ``step_points`` (256) and at least 50 points per component (1,000 for
+            ``K = 20``): k-means++ needs points from every component, and the burn-in
+            would hold the parameters for those points anyway (see
+            `numpyro_onlineem.schedules.default_init_points`).
 
         Returns
         -------
@@ -372,15 +374,15 @@ class OnlineEM:
         )
 
     def _init_points(self, call, extra, init_points, plan=None) -> int:
-        """Points `run` gives `init`: ``init_points``, or the plan's default burn-in and
-        at least ``step_points``."""
+        """Points `run` gives `init`: ``init_points``, or
+        `numpyro_onlineem.schedules.default_init_points`."""
         if init_points is not None:
             if int(init_points) < 1:
                 raise ValueError(f"OnlineEM.run: init_points must be >= 1, got {init_points}.")
             return int(init_points)
         if plan is None:
             plan = self._plan(jax.random.PRNGKey(0), *with_extra(call, extra), {})
-        return int(max(plan.default_burn_in, self.config.step_points))
+        return default_init_points(plan.num_states, plan.default_burn_in, self.config.step_points)
 
     def _plan(self, rng_key, args, kwargs, init_params):
         """The plan `init` would make on this call (no data-driven start)."""

@@ -118,6 +118,26 @@ def default_polyak_start(step_points: float, burn_in: float) -> float:
     return max(DEFAULT_POLYAK_WINDOWS * step_points, burn_in)
 
 
+INIT_POINTS_PER_STATE = 50
+"""Points per state of the enumerated site that `OnlineEM.run` gives `OnlineEM.init` by
+default (see `default_init_points`)."""
+
+
+def default_init_points(num_states: int, burn_in: float, step_points: float) -> int:
+    """Points `OnlineEM.run` buffers for `OnlineEM.init` (its k-means++ start and first
+    statistics) unless the user sets ``init_points``: the burn-in, at least
+    ``step_points``, and at least `INIT_POINTS_PER_STATE` ``* K``.
+
+    k-means++ can only seed a component from the points it is given: from ``B`` points a
+    component of weight ``w`` is seen ``w B`` times. Measured on the streaming
+    benchmark's D=256, K=20 diagonal stream, three seeds each, held-out nats/point after
+    one pass: a start from 256 points (13 per component) ended in local optima 1.3 to
+    4.4 below the best, one from 1,000 points (50 per component) within 1.4 of it, as
+    close as scikit-learn's own fits (k-means on all the data, 0.7 to 2.4 below).
+    """
+    return int(max(burn_in, step_points, INIT_POINTS_PER_STATE * num_states))
+
+
 def default_burn_in(num_states: int, full_dims: list) -> float:
     """Points before the first M step unless the user sets it: ``max(20, 10 K)``, ``K``
     the largest number of states of an enumerated site, and at least ``8 K D`` when a

@@ -51,8 +51,9 @@ def test_one_pass_reaches_batch_optimum_from_same_means(stream):
         progress_bar=False,
         init_params={"locs": means0},
     )
-    # init takes the first 256 points, the updates the rest, the last batch partial
-    assert result.losses.shape == (-(-(N - 256) // 100),)
+    # init takes the first 500 points (50 per component), the updates the rest, the
+    # last batch partial
+    assert result.losses.shape == (-(-(N - 500) // 100),)
     online = float(em.log_likelihood(result.state, test).mean())
     assert online > reference - 0.02, (online, reference)
 

@@ -78,6 +78,8 @@ class Plan:
     default_burn_in : float
         Points before the first M step unless the user sets it
         (`numpyro_onlineem.schedules.default_burn_in`).
+    num_states : int
+        The largest number of states of an enumerated site (``K``).
     input_spec : InputSpec
         Shapes of the model's arguments at init, against which batches are checked.
     stats_per_component : float
@@ -103,6 +105,7 @@ class Plan:
     paths: dict
     model_sites: ModelSites
     default_burn_in: float
+    num_states: int = 1
     input_spec: InputSpec | None = None
     stats_per_component: float = 0.0
     msteps: tuple = ()
@@ -795,6 +798,7 @@ def build(
         paths={},
         model_sites=sites,
         default_burn_in=default_burn_in(found.num_states, list(found.full_dims)),
+        num_states=int(found.num_states),
         input_spec=found.input_spec,
         stats_per_component=found.total_stats / found.num_states,
         msteps=tuple(msteps),
