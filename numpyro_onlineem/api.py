@@ -13,8 +13,8 @@ import optax
 
 from numpyro_onlineem import core
 from numpyro_onlineem.compilation import enable_compilation_cache
-from numpyro_onlineem.estep.enumerate import num_data
 from numpyro_onlineem.families import MStepOptions
+from numpyro_onlineem.first_trace import first_trace
 from numpyro_onlineem.initialization import INIT_MODES, data_driven_init
 from numpyro_onlineem.model import (
     batch_indices,
@@ -36,7 +36,7 @@ from numpyro_onlineem.stream import (
     split_args,
     with_extra,
 )
-from numpyro_onlineem.validation import check_inputs, check_observed
+from numpyro_onlineem.validation import check_inputs, check_support
 
 
 class OnlineEM:
@@ -227,9 +227,9 @@ class OnlineEM:
         args, kwargs = as_arrays(args, kwargs)
         check_inputs(None, args, kwargs, "init")
         init_params = dict(init_params or {})
-        key_trace, key_init, key_state = jax.random.split(rng_key, 3)
-        trace, sites = self._sites(key_trace, args, kwargs, init_params)
-        check_observed(trace, sites, "init")
+        first, sites = self._sites(rng_key, args, kwargs, init_params)
+        check_support(first, "init")
+        key_init, key_state = first.keys
         for what, names in (("init_params", init_params), ("OnlineEM(mstep=...)", self.mstep)):
             unknown = set(names) - set(sites.params)
             if unknown:
@@ -237,10 +237,10 @@ class OnlineEM:
                     f"OnlineEM.init: {what} names {sorted(unknown)}, which are not "
                     f"estimated sites of the model ({sorted(sites.params)})."
                 )
-        params, plan = self._initial_plan(trace, sites, args, kwargs)
+        params, plan = self._initial_plan(first, sites, args, kwargs)
         indices = random_indices(key_init) if sites.reads_subsample else batch_indices
         if self.init_mode != "model":
-            etrace = enum_trace(self.model, sites, params, args, kwargs, indices)
+            etrace = enum_trace(self.model, sites, params, args, kwargs, indices, concrete=True)
             params, report = data_driven_init(
                 key_init,
                 plan,
@@ -255,7 +255,8 @@ class OnlineEM:
                 paths[name] += f"; initial value {what}"
             plan = plan.replace(paths=paths)
         params = _in_support(plan, params, frozenset(init_params))
-        _check_symmetry(enum_trace(self.model, sites, params, args, kwargs, indices), sites)
+        etrace = enum_trace(self.model, sites, params, args, kwargs, indices, concrete=True)
+        _check_symmetry(etrace, sites)
         return self._init_state_jit(plan, params, key_state, *split_args(args, kwargs))
 
     # ---------------------------------------------------------------- update
@@ -386,25 +387,26 @@ class OnlineEM:
 
     def _plan(self, rng_key, args, kwargs, init_params):
         """The plan `init` would make on this call (no data-driven start)."""
-        trace, sites = self._sites(rng_key, args, kwargs, init_params)
-        return self._initial_plan(trace, sites, args, kwargs)[1]
+        first, sites = self._sites(rng_key, args, kwargs, init_params)
+        return self._initial_plan(first, sites, args, kwargs)[1]
 
     def _sites(self, rng_key, args, kwargs, init_params):
-        """The model traced on a call, and its sites classified: ``(trace, sites)``."""
-        trace = trace_model(self.model, args, kwargs, init_params, rng_key)
-        sites = classify_sites(trace, self.data_plate)
-        batch, total = num_data(trace, sites)
+        """The model's first run on a call (`first_trace`), and its sites classified:
+        ``(first, sites)``."""
+        first = first_trace(self.model, self.data_plate, rng_key, args, kwargs, init_params)
+        sites = first.sites
+        batch, total = first.sizes
         if batch != total:
             sites = sites._replace(
                 reads_subsample=reads_subsample(self.model, sites, args, kwargs),
                 sized_by_batch=False,
             )
-        return trace, sites
+        return first, sites
 
-    def _initial_plan(self, trace, sites, args, kwargs):
+    def _initial_plan(self, first, sites, args, kwargs):
         """The model's initial values and the M-step plan: ``(params, plan)``."""
         dtype = jnp.result_type(float)
-        params = {name: jnp.asarray(trace[name]["value"], dtype) for name in sites.params}
+        params = {name: jnp.asarray(first.values[name], dtype) for name in sites.params}
         plan = make_plan(self.model, sites, params, args, kwargs, self.mstep, self.numerical_steps)
         return params, plan
 
@@ -447,7 +449,7 @@ def _check_symmetry(trace, sites) -> None:
     proportional to the mixture weights) for every point, the M step gives them the same
     values again, and EM never separates them: a silent one-component fit."""
     for latent in sites.enumerated:
-        size = int(np.shape(trace[latent]["fn"].enumerate_support(expand=False))[0])
+        size = sites.num_states[latent]
         if size < 2:
             continue
         readers, differs = [], False

@@ -267,11 +267,11 @@ def data_driven_init(
                 report[pname] = "from the model (it differs across components)"
                 continue
             right_event = tuple(bm_k.shape[1:]) + event
-            value = jnp.asarray(site["value"])
+            value = np.asarray(site["value"])  # on the host: nothing to compile
             value = value.reshape(
                 (1,) * (len(grid) + fam.value_event_ndim - value.ndim) + value.shape
             )
-            value = jnp.moveaxis(value, sp.data_axis, 0)
+            value = np.moveaxis(value, sp.data_axis, 0)
             npts = value.shape[0]
             if any(s != 1 for s in value.shape[1 : 1 + len(left)]):
                 report[pname] = "from the model (the data vary along enumerated dimensions)"

@@ -37,6 +37,9 @@ from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_median
 from numpyro.primitives import _PYRO_STACK, Messenger
 
+from numpyro_onlineem.compiled import compiled
+from numpyro_onlineem.stream import merge_args, split_args
+
 CHAINS_UNSUPPORTED = (
     "Markov chains (HMMs and other models whose discrete latents depend on each "
     "other in sequence) are not supported yet: the enumeration E step handles "
@@ -89,6 +92,8 @@ class ModelSites(NamedTuple):
         Whether the data plate's size is the batch's own (``plate("data", x.shape[0])``)
         rather than a declared data-set size ``N`` (``subsample_size``): priors of global
         sites are then weighed against each batch as if it were the whole data set.
+    num_states : dict[str, int]
+        Enumerated site -> the number of values of its support.
     """
 
     params: dict
@@ -99,6 +104,7 @@ class ModelSites(NamedTuple):
     max_plate_nesting: int
     reads_subsample: bool = False
     sized_by_batch: bool = True
+    num_states: dict = {}
 
 
 def _frames(site: dict) -> list:
@@ -323,7 +329,14 @@ def classify_sites(trace: OrderedDict, data_plate: str | None = None) -> ModelSi
         local=tuple(local),
         data_plate=data_plate,
         max_plate_nesting=max_plate_nesting,
+        num_states={n: _num_states(trace[n]["fn"]) for n in enumerated},
     )
+
+
+def _num_states(fn) -> int:
+    """The number of values of a discrete distribution's support (a static shape, also
+    under ``jit``)."""
+    return int(jnp.shape(fn.enumerate_support(expand=False))[0])
 
 
 def _check_runs_along_plate(site: dict, data_plate: str) -> None:
@@ -350,12 +363,19 @@ def enum_trace(
     args: tuple,
     kwargs: dict,
     indices: Callable = batch_indices,
+    concrete: bool = False,
 ) -> OrderedDict:
     """Trace ``model`` with ``params`` substituted and the enumerated sites enumerated in
     parallel, each over a batch dimension left of the plates, and the data plate's
     subsample ``indices`` (`batch_indices`, `all_indices`, `random_indices`). Every
     sample site carries ``site["infer"]["dim_to_name"]`` for funsor.
+
+    With ``concrete``, the trace's values are computed by one compiled program per
+    model, sites and shapes (`numpyro_onlineem.compiled`) rather than one per operation.
     """
+    if concrete and indices is batch_indices:  # (other indices close over a key)
+        inputs, static_args = split_args(args, kwargs)
+        return compiled(_enum_run, (model, sites, static_args), (params, inputs))
     enumerated = set(sites.enumerated)
 
     def config(site):
@@ -370,6 +390,12 @@ def enum_trace(
     fn = handlers.seed(fn, jax.random.PRNGKey(0))
     with numpyro.validation_enabled(False), plate_to_enum_plate():
         return packed_trace(fn).get_trace(*args, **kwargs)
+
+
+def _enum_run(model: Callable, sites: ModelSites, static_args, arrays: tuple) -> OrderedDict:
+    params, inputs = arrays
+    args, kwargs = merge_args(inputs, static_args)
+    return enum_trace(model, sites, params, args, kwargs)
 
 
 def data_plate_frame(site: dict, data_plate: str):

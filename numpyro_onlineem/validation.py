@@ -77,25 +77,25 @@ def _first_bad(ok, values, shape) -> str:
     )
 
 
-def check_observed(trace, sites, where: str) -> None:
-    """Every observed value of a concrete trace lies in its site's support.
+def check_support(first, where: str) -> None:
+    """Every observed value of the model's first run
+    (`numpyro_onlineem.first_trace.FirstTrace`) lies in its site's support.
 
     Raises
     ------
     ValueError
         Naming the site, the index of the first value outside the support, and it.
     """
-    for name in sites.observed:
-        site = trace[name]
-        value = site["value"]
-        if _is_tracer(value):
+    for name, ok in first.in_support.items():
+        if _is_tracer(ok):  # init under the caller's jit: the values are not known
             continue
-        ok = np.asarray(site["fn"].support(value))
+        ok = np.asarray(ok)
         if not ok.all():
             raise ValueError(
                 f"OnlineEM.{where}: observed site '{name}' must lie in its support "
-                f"{site['fn'].support}; it has {_first_bad(ok, value, ok.shape)}. Drop or "
-                "correct those points before the update."
+                f"{first.supports[name]}; it has "
+                f"{_first_bad(ok, first.observed[name], ok.shape)}. Drop or correct those "
+                "points before the update."
             )
 
 

@@ -267,3 +267,65 @@ def test_padding_that_a_model_would_not_skip_falls_back_to_single_updates(rng):
     assert float(result.state.num_seen) == 2350.0
     for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _fresh_mixture():
+    """A model function new to the process, so that nothing of it is compiled yet."""
+
+    def model(x, K=3):
+        weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+        locs = numpyro.param("locs", jnp.zeros((K, x.shape[-1])))
+        cov = numpyro.param(
+            "cov",
+            jnp.broadcast_to(jnp.eye(x.shape[-1]), (K, 4, 4)),
+            constraint=constraints.positive_definite,
+        )
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(weights))
+            numpyro.sample("obs", dist.MultivariateNormal(locs[z], cov[z]), obs=x)
+
+    return model
+
+
+def test_init_runs_the_model_as_a_few_compiled_programs(rng):
+    # eagerly, every operation of the model's runs at init (the seeded run, the probes,
+    # the data-driven start) was a program of its own: 35 for a Gaussian mixture
+    x = _blobs(rng, 300)
+    key = jax.random.PRNGKey(0)
+    with _Compiles() as counted:
+        state = OnlineEM(_fresh_mixture()).init(key, x)
+    assert len(counted.compiles) <= 6, counted.compiles
+    # and the start is the data-driven one: one centre in each of the three blobs
+    np.testing.assert_allclose(np.sort(state.params["locs"][:, 0]), [-5, 0, 5], atol=0.5)
+
+
+def test_compiled_runs_give_what_eager_runs_give(rng):
+    from numpyro_onlineem.compiled import compiled
+    from numpyro_onlineem.first_trace import _first_run, first_trace
+    from numpyro_onlineem.stream import split_args
+
+    x = _blobs(rng, 200)
+    model = _fresh_mixture()
+    key = jax.random.PRNGKey(3)
+    first = first_trace(model, None, key, (x,), {}, {})
+    inputs, static = split_args((x,), {})
+    eager = _first_run(model, None, static, (key, inputs, {}))
+    assert first.sites == eager.sites and first.sizes == eager.sizes
+    for name in eager.values:
+        np.testing.assert_allclose(first.values[name], eager.values[name], rtol=1e-6)
+    assert first.observed["obs"] is x  # passed through: the caller's own array
+    assert str(first.supports["obs"]) == str(eager.supports["obs"])
+
+    # a MultivariateNormal keeps the covariance it was given, not only its Cholesky factor
+    def build(scale, arrays):
+        return {"d": dist.MultivariateNormal(arrays, covariance_matrix=scale * jnp.eye(2))}
+
+    out = compiled(build, (2.0,), jnp.ones(2))["d"]
+    np.testing.assert_allclose(out.covariance_matrix, 2.0 * np.eye(2))
+    np.testing.assert_allclose(out.scale_tril, np.sqrt(2.0) * np.eye(2), rtol=1e-6)
+
+    # a function that reads its arguments' values in Python runs eagerly instead
+    def reads(scale, arrays):
+        return {"total": scale * float(arrays.sum())}
+
+    assert compiled(reads, (3.0,), jnp.arange(4.0)) == {"total": 18.0}

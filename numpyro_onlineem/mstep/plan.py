@@ -189,21 +189,20 @@ def array_attrs(fn, prefix="") -> dict:
     return out
 
 
-def _random_valid(shape, constraint, key, dtype):
+def _unconstrained_shape(name: str, ps) -> tuple:
     try:
-        transform = biject_to(constraint)
+        return tuple(biject_to(ps.constraint).inverse_shape(ps.shape))
     except NotImplementedError as e:
-        raise UnsupportedModelError(f"no bijection to the support {constraint}") from e
-    unconstrained = transform.inverse_shape(shape)
-    u = (0.5 * key.standard_normal(unconstrained)).astype(dtype)
-    return np.asarray(_to_support(Static(constraint), u))
+        raise UnsupportedModelError(
+            f"OnlineEM: site '{name}': no bijection to the support {ps.constraint}."
+        ) from e
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _to_support(constraint: Static, u: jax.Array) -> jax.Array:
-    """``biject_to(constraint)(u)`` in one compiled call (op by op it compiles a program
-    per operation, a tenth of a second each on the CPU)."""
-    return biject_to(constraint.value)(u)
+def _to_support(constraints: Static, us: dict) -> dict:
+    """``biject_to(constraint)(u)`` of every site in one compiled call (op by op it
+    compiles a program per operation, a tenth of a second each on the CPU)."""
+    return {name: biject_to(constraints.value[name])(u) for name, u in us.items()}
 
 
 class SiteUse(NamedTuple):
@@ -315,16 +314,19 @@ def _probe_values(sites: ModelSites, names: list) -> tuple[dict, dict, dict, dic
         base[name] = offset
         ids[name] = (offset + np.arange(size)).reshape(ps.shape).astype(dtype)
         offset += size
-        try:
-            rand_a[name] = _random_valid(ps.shape, ps.constraint, rng, dtype)
-            rand_b[name] = _random_valid(ps.shape, ps.constraint, rng, dtype)
-        except UnsupportedModelError as e:
-            raise UnsupportedModelError(f"OnlineEM: site '{name}': {e}.") from e
+        shape = _unconstrained_shape(name, ps)
+        rand_a[name] = (0.5 * rng.standard_normal(shape)).astype(dtype)
+        rand_b[name] = (0.5 * rng.standard_normal(shape)).astype(dtype)
     if offset > 2 ** (jnp.finfo(dtype).nmant + 1):
         raise UnsupportedModelError(
             "OnlineEM: too many estimated elements to recognise the model in "
             f"{jnp.dtype(dtype).name}; enable float64 with jax_enable_x64."
         )
+    supports = Static({name: sites.params[name].constraint for name in names})
+    rand_a, rand_b = (
+        {name: np.asarray(v) for name, v in _to_support(supports, rand).items()}
+        for rand in (rand_a, rand_b)
+    )
     return ids, rand_a, rand_b, base
 
 
@@ -438,7 +440,8 @@ def _probe(model, sites, params, args, kwargs, fixed) -> _Probes:
     ids, rand_a, rand_b, base = _probe_values(sites, names)
 
     def retrace(values):
-        return enum_trace(model, sites, {**constants, **values}, args, kwargs)
+        values = {**constants, **values}
+        return enum_trace(model, sites, values, args, kwargs, concrete=True)
 
     def run(values):
         tr = retrace(values)
@@ -598,9 +601,7 @@ def _closed_form_uses(probes: _Probes, sites: ModelSites, numerical: frozenset) 
             use = use._replace(prior=_check_prior(name, use, tr_a, deps, names, site_attrs))
         checked[name] = use
 
-    cardinalities = [
-        int(tr_id[n]["fn"].enumerate_support(expand=False).shape[0]) for n in sites.enumerated
-    ]
+    cardinalities = [sites.num_states[n] for n in sites.enumerated]
     # a full covariance needs more points than dimensions before its first M step
     full_dims = tuple(
         int(np.shape(unwrap(tr_id[sp.site]["fn"]).loc)[-1])
