@@ -349,7 +349,9 @@ class OnlineEM:
             ``step_points`` (256) and at least 50 points per component (1,000 for
             ``K = 20``): k-means++ needs points from every component, and the burn-in
             would hold the parameters for those points anyway (see
-            `numpyro_onlineem.schedules.default_init_points`).
+            `numpyro_onlineem.schedules.default_init_points`). From an array, `init`
+            also takes the points that would make a last, shorter batch (fewer than
+            ``batch_size``), so that no update compiles for that batch's shape alone.
 
         Returns
         -------

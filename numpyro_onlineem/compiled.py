@@ -43,13 +43,17 @@ NEEDS_VALUES = (
 
 
 def _shapes(tree) -> tuple:
+    """What ``jit`` keys a trace on, for every leaf: shape, dtype and weak type (a Python
+    number is weakly typed), so that one key is one trace."""
     leaves, treedef = jax.tree.flatten(tree)
-    return (treedef, tuple((np.shape(x), _dtype(x)) for x in leaves))
+    return (treedef, tuple(_aval(x) for x in leaves))
 
 
-def _dtype(x) -> str:
+def _aval(x) -> tuple:
     dtype = getattr(x, "dtype", None)
-    return str(np.asarray(x).dtype if dtype is None else dtype)
+    dtype = str(np.asarray(x).dtype if dtype is None else dtype)
+    weak = isinstance(x, int | float | complex) or bool(getattr(x, "weak_type", False))
+    return (np.shape(x), dtype, weak)
 
 
 _TAKEN_APART = (dist.Distribution, constraints.Constraint, transforms.Transform)
@@ -188,6 +192,10 @@ def compiled(fn: Callable[..., Any], static: tuple, arrays: Any) -> Any:
     except (*NEEDS_VALUES, _Unflattenable):
         return fn(*static, arrays)
     inputs = jax.tree.leaves(arrays)
+    outputs = list(outputs)
+    if len(outputs) != sum(kind == "output" for kind, _ in found["how"]):
+        raise RuntimeError("numpyro_onlineem.compiled: a program and its trace disagree.")
+    outputs = iter(outputs)
     leaves = [
         next(outputs) if kind == "output" else inputs[what] if kind == "input" else what
         for kind, what in found["how"]

@@ -67,6 +67,10 @@ def run_stream(
                 with runner.explain_type_errors(first):
                     n0 = em._init_points(first, extra, init_points)
                 n0 = max(int(batch_size), n0)
+                if init_points is None and data.shape[0] > n0:
+                    # the remainder joins init: a last, partial batch would compile an
+                    # update of its own shape (a second or so) for a few points
+                    n0 += (data.shape[0] - n0) % int(batch_size)
                 state = runner.init(rng_key, [((data[:n0],), {})], init_params)
                 data = data[n0:]
             if state.plan.model_sites.reads_subsample:
