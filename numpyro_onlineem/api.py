@@ -257,7 +257,9 @@ class OnlineEM:
         params = _in_support(plan, params, frozenset(init_params))
         etrace = enum_trace(self.model, sites, params, args, kwargs, indices, concrete=True)
         _check_symmetry(etrace, sites)
-        return self._init_state_jit(plan, params, key_state, *split_args(args, kwargs))
+        state = self._init_state_jit(plan, params, key_state, *split_args(args, kwargs))
+        _check_finite_start(state, params)
+        return state
 
     # ---------------------------------------------------------------- update
     def update(
@@ -443,6 +445,29 @@ def _in_support(plan, params: dict, given: frozenset) -> dict:
                 f"its constraint {ps.constraint}: {np.asarray(out[name])}."
             )
     return out
+
+
+def _check_finite_start(state: OnlineEMState, params: dict) -> None:
+    """Refuse a start whose init-batch statistics are not finite: the log density is
+    then not finite at the initial values (a scale of 0), and every update would be
+    skipped, leaving the initial values as the silent answer."""
+    leaves = jax.tree.leaves(state.stats)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):  # init under the caller's jit
+        return
+    if all(bool(np.all(np.isfinite(np.asarray(x)))) for x in leaves):
+        return
+    ranges = ", ".join(
+        f"{name} in [{float(np.min(v)):.4g}, {float(np.max(v)):.4g}]"
+        for name, v in ((n, np.asarray(params[n])) for n in state.plan.model_sites.params)
+        if v.size
+    )
+    raise ValueError(
+        "OnlineEM.init: the model's log density is not finite on the init batch at the "
+        f"initial values ({ranges}), so every update would be skipped. An initial value "
+        "outside what its distribution accepts (a scale of 0, say) is the usual cause: "
+        "give valid ones in init_params, or a constraint (constraints.positive) and a "
+        "valid initial value to numpyro.param."
+    )
 
 
 def _check_symmetry(trace, sites) -> None:

@@ -64,49 +64,68 @@ class _Unflattenable(Exception):
 
 
 class _Object(NamedTuple):
-    """A distribution or constraint taken apart: its class and its attributes (a
-    pytree whose arrays ``jit`` can return)."""
+    """A distribution, constraint or transform that holds traced values, taken apart:
+    its class and its attributes (a pytree whose arrays ``jit`` can return)."""
 
     cls: type
-    attrs: dict
+    attrs: Any
 
 
-def _walk(x: Any, at: Callable[[Any], Any]) -> Any:
-    """``x`` with ``at`` applied to everything that is not a dict, list or plain tuple."""
-    if isinstance(x, dict):
-        return type(x)((k, _walk(v, at)) for k, v in x.items())
-    if isinstance(x, list):
-        return [_walk(v, at) for v in x]
-    if type(x) is tuple:
-        return tuple(_walk(v, at) for v in x)
-    return at(x)
+class _Dict(NamedTuple):
+    """A dict taken apart, its keys in their order (``jax.tree`` sorts a dict's keys:
+    the sites would come back in alphabetical order)."""
+
+    cls: type
+    keys: tuple
+    values: list
+
+
+class _Named(NamedTuple):
+    """A NamedTuple taken apart (so that the dicts inside it keep their order too)."""
+
+    cls: type
+    values: list
 
 
 def _apart(x: Any) -> Any:
-    """``x`` with every NumPyro distribution, constraint and transform replaced by an
-    `_Object` of *all* its attributes, cached properties included: their own pytree
-    flattening keeps only the constructor's arguments (a ``MultivariateNormal`` given a
-    covariance matrix would come back with its Cholesky factor alone)."""
-
-    def at(v):
-        if isinstance(v, _TAKEN_APART) and hasattr(v, "__dict__"):
-            return _Object(type(v), {k: _apart(a) for k, a in vars(v).items()})
-        return v
-
-    return _walk(x, at)
+    """``x`` with its containers (dicts, NamedTuples) and every NumPyro distribution,
+    constraint and transform that holds a traced value replaced by records of *all*
+    their contents, cached properties included: their own pytree flattening keeps only
+    the constructor's arguments (a ``MultivariateNormal`` given a covariance matrix
+    would come back with its Cholesky factor alone). Objects without traced values are
+    kept as they are, so ``constraints.real`` stays NumPyro's own singleton."""
+    if isinstance(x, dict):
+        return _Dict(type(x), tuple(x), [_apart(v) for v in x.values()])
+    if isinstance(x, list):
+        return [_apart(v) for v in x]
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return _Named(type(x), [_apart(v) for v in x])
+    if type(x) is tuple:
+        return tuple(_apart(v) for v in x)
+    if isinstance(x, _TAKEN_APART) and hasattr(x, "__dict__") and _holds_tracer(x, 8):
+        return _Object(type(x), _apart(vars(x)))
+    return x
 
 
 def _together(x: Any) -> Any:
     """The inverse of `_apart`."""
-
-    def at(v):
-        if isinstance(v, _Object):
-            obj = object.__new__(v.cls)
-            obj.__dict__.update({k: _together(a) for k, a in v.attrs.items()})
-            return obj
-        return v
-
-    return _walk(x, at)
+    if isinstance(x, _Dict):
+        items = zip(x.keys, (_together(v) for v in x.values), strict=True)
+        try:
+            return x.cls(items)
+        except TypeError:  # a dict subclass with other constructor arguments
+            return dict(items)
+    if isinstance(x, _Named):
+        return x.cls(*(_together(v) for v in x.values))
+    if isinstance(x, _Object):
+        obj = object.__new__(x.cls)
+        obj.__dict__.update(_together(x.attrs))
+        return obj
+    if isinstance(x, list):
+        return [_together(v) for v in x]
+    if type(x) is tuple:
+        return tuple(_together(v) for v in x)
+    return x
 
 
 def _holds_tracer(x: Any, depth: int = 4) -> bool:
@@ -131,7 +150,7 @@ def _holds_tracer(x: Any, depth: int = 4) -> bool:
 
 
 def _flatten(tree: Any):
-    return jax.tree.flatten(_apart(tree), is_leaf=lambda x: isinstance(x, type))
+    return jax.tree.flatten(_apart(tree), is_leaf=lambda x: isinstance(x, type | dict))
 
 
 @functools.lru_cache(maxsize=128)

@@ -13,6 +13,7 @@ maps, NumPyro constraints, registered families) into one hashable key.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any
 
 import jax
@@ -23,8 +24,9 @@ from numpyro.distributions import constraints
 def freeze(x: Any) -> Any:
     """A hashable key equal for equal values: containers by content and order, arrays by
     shape, dtype and bytes, NumPyro constraints by type and arguments, other objects
-    (functions, registered families) by themselves; a ``functools.partial`` by its
-    function and bound arguments."""
+    (registered families) by themselves; a function by itself and the plain values it
+    reads (`_read_values`); a ``functools.partial`` by its function and bound
+    arguments."""
     if x is None or isinstance(x, bool | int | float | str | bytes | np.generic):
         return x
     if isinstance(x, np.ndarray | jax.Array):
@@ -40,10 +42,64 @@ def freeze(x: Any) -> Any:
         return ("set", *sorted(map(freeze, x), key=repr))
     if isinstance(x, functools.partial):  # a model with some arguments bound
         return ("partial", freeze(x.func), freeze(x.args), freeze(x.keywords))
+    if isinstance(x, types.FunctionType):
+        return ("function", x, _read_values(x))
     if isinstance(x, constraints.Constraint):
         # numpyro's parametrised constraints (interval, ...) define == but no hash
         return ("constraint", type(x).__qualname__, freeze(dict(sorted(vars(x).items()))))
+    if callable(x) and hasattr(x, "__dict__") and not isinstance(x, type):
+        # a model object: itself and the plain values of its attributes
+        values = sorted((k, _value_key(v)) for k, v in vars(x).items() if _is_value(v))
+        return ("callable", x, tuple(values))
     return x
+
+
+_VALUE_TYPES = (bool, int, float, complex, str, bytes, np.generic, np.ndarray, jax.Array)
+_LARGE = 10_000  # elements: a larger array counts by identity, not by its bytes
+
+
+def _value_key(v: Any) -> Any:
+    if isinstance(v, np.ndarray | jax.Array) and np.size(v) > _LARGE:
+        return ("large array", id(v), np.shape(v), str(v.dtype))
+    return freeze(v)
+
+
+def _is_value(v: Any) -> bool:
+    if isinstance(v, tuple):
+        return all(_is_value(e) for e in v)
+    return v is None or isinstance(v, _VALUE_TYPES)
+
+
+def _names(code: types.CodeType) -> set:
+    """The global names a function's code reads, its nested functions' included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _read_values(fn: types.FunctionType) -> tuple:
+    """The plain values (numbers, strings, arrays, tuples of them) a function reads from
+    its module's globals, its closure and its defaults. A compiled function bakes them
+    in, as ``jax.jit`` does; keying on them means that a model run again after a
+    module-level constant changed (``INIT_SCALE = 5.0`` in a notebook) compiles again
+    instead of using the old value."""
+    glob = fn.__globals__
+    out = [
+        (name, _value_key(glob[name]))
+        for name in sorted(_names(fn.__code__))
+        if name in glob and _is_value(glob[name])
+    ]
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if _is_value(value):
+            out.append((name, _value_key(value)))
+    out.append(("defaults", freeze(fn.__defaults__), freeze(fn.__kwdefaults__)))
+    return tuple(out)
 
 
 class Static:

@@ -1,10 +1,13 @@
 """jit gives the same numbers, and updates with batches of one shape trace once."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pytest
 from numpyro.distributions import constraints
 
 from numpyro_onlineem import OnlineEM
@@ -311,6 +314,8 @@ def test_compiled_runs_give_what_eager_runs_give(rng):
     inputs, static = split_args((x,), {})
     eager = _first_run(model, None, static, (key, inputs, {}))
     assert first.sites == eager.sites and first.sizes == eager.sizes
+    # in the model's order (jax.tree sorts a dict's keys)
+    assert list(first.sites.params) == list(eager.sites.params) == ["weights", "locs", "cov"]
     for name in eager.values:
         np.testing.assert_allclose(first.values[name], eager.values[name], rtol=1e-6)
     assert first.observed["obs"] is x  # passed through: the caller's own array
@@ -329,3 +334,69 @@ def test_compiled_runs_give_what_eager_runs_give(rng):
         return {"total": scale * float(arrays.sum())}
 
     assert compiled(reads, (3.0,), jnp.arange(4.0)) == {"total": 18.0}
+
+
+def test_a_lognormal_written_as_a_transformed_normal_fits_as_scipy_does(rng):
+    # NumPyro checks `domain is constraints.real` inside ExpTransform: the compiled
+    # init must give the singleton back, not a copy of it
+    x = np.exp(rng.normal(1.0, 0.5, 4000)).astype(np.float32)
+
+    def model(x):
+        loc = numpyro.param("loc", 0.0)
+        scale = numpyro.param("scale", 1.0, constraint=constraints.positive)
+        base = dist.Normal(loc, scale)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample(
+                "obs", dist.TransformedDistribution(base, dist.transforms.ExpTransform()), obs=x
+            )
+
+    em = OnlineEM(model, step_size=1.0, burn_in=0)
+    state = em.init(jax.random.PRNGKey(0), x)
+    for _ in range(30):
+        state, _ = em.update(state, x)
+    params = em.get_params(state)
+    # the MLE of a log-normal: the mean and standard deviation of log x
+    np.testing.assert_allclose(params["loc"], np.log(x).mean(), rtol=1e-3)
+    np.testing.assert_allclose(params["scale"], np.log(x).std(), rtol=1e-3)
+
+
+def test_a_start_whose_log_density_is_not_finite_is_refused(rng):
+    def model(x, K=2):
+        weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+        locs = numpyro.param("locs", jnp.array([-1.0, 1.0]))
+        sd = numpyro.param("sd", jnp.zeros(K))  # no constraint, and 0: not a scale
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(weights))
+            numpyro.sample("obs", dist.Normal(locs[z], sd[z]), obs=x)
+
+    x = rng.normal(size=200).astype(np.float32)
+    with pytest.raises(ValueError, match=r"not finite .* sd in \[0, 0\]"):
+        OnlineEM(model).init(jax.random.PRNGKey(0), x)
+    # given a valid value, the same model starts: its statistics are the batch's own
+    state = OnlineEM(model).init(jax.random.PRNGKey(0), x, init_params={"sd": np.ones(2)})
+    np.testing.assert_allclose(np.sum(state.stats["obs"]["n"]), 1.0, rtol=1e-6)
+    # (moments about the batch's mean: their second one is its variance)
+    np.testing.assert_allclose(np.sum(state.stats["obs"]["s2"]), x.var(), rtol=1e-4)
+
+
+INIT_SCALE = 1.0
+
+
+def _reads_a_global(x):
+    weights = numpyro.param("weights", jnp.ones(2) / 2, constraint=constraints.simplex)
+    locs = numpyro.param("locs", jnp.array([-1.0, 1.0]))
+    sd = numpyro.param("sd", INIT_SCALE * jnp.ones(2), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("obs", dist.Normal(locs[z], sd[z]), obs=x)
+
+
+def test_a_changed_module_constant_is_read_again(rng, monkeypatch):
+    # compiled programs bake in the values a model reads; they are keyed on them, so a
+    # constant changed between two fits (a notebook cell run again) is not stale
+    x = rng.normal(size=200).astype(np.float32)
+    em = OnlineEM(_reads_a_global, init="model")
+    np.testing.assert_allclose(em.get_params(em.init(jax.random.PRNGKey(0), x))["sd"], 1.0)
+    monkeypatch.setattr(sys.modules[__name__], "INIT_SCALE", 5.0)
+    for fit in (em, OnlineEM(_reads_a_global, init="model")):
+        np.testing.assert_allclose(fit.get_params(fit.init(jax.random.PRNGKey(0), x))["sd"], 5.0)

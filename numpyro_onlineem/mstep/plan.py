@@ -176,16 +176,26 @@ class UnsupportedModelError(ValueError):
 
 
 def array_attrs(fn, prefix="") -> dict:
-    """The numeric arguments of a distribution (and of the ones it wraps), as arrays.
+    """The numeric arguments of a distribution (and of the ones it wraps, and of its
+    transforms), as arrays.
     NumPy scalars count: ``s ** -0.5`` of a 0-d probe array is an ``np.float32``."""
     out = {}
     for key, val in vars(fn).items():
-        if key.startswith("_"):  # private helpers (Beta's own Dirichlet) are no arguments
-            continue
+        if key.startswith("_"):
+            # a private attribute behind a public property is an argument by that name
+            # (MixtureSameFamily's component_distribution); other private ones are
+            # helpers, not arguments (Beta's own Dirichlet)
+            if not isinstance(getattr(type(fn), key[1:], None), property):
+                continue
+            key = key[1:]
         if isinstance(val, dist.Distribution):
             out.update(array_attrs(val, prefix))
         elif isinstance(val, jax.Array | np.ndarray | np.floating | float):
             out[prefix + key] = np.asarray(val)
+        elif isinstance(val, list | tuple):  # a TransformedDistribution's transforms
+            for i, t in enumerate(val):
+                if isinstance(t, dist.transforms.Transform):
+                    out.update(array_attrs(t, f"{prefix}{key}[{i}]."))
     return out
 
 
