@@ -207,14 +207,12 @@ def compiled(fn: Callable[..., Any], static: tuple, arrays: Any) -> Any:
         return fn(*static, arrays)
     try:
         program, found = _program(key)
-        outputs = iter(program(arrays))
+        outputs = program(arrays)
     except (*NEEDS_VALUES, _Unflattenable):
         return fn(*static, arrays)
-    inputs = jax.tree.leaves(arrays)
-    outputs = list(outputs)
     if len(outputs) != sum(kind == "output" for kind, _ in found["how"]):
         raise RuntimeError("numpyro_onlineem.compiled: a program and its trace disagree.")
-    outputs = iter(outputs)
+    inputs, outputs = jax.tree.leaves(arrays), iter(outputs)
     leaves = [
         next(outputs) if kind == "output" else inputs[what] if kind == "input" else what
         for kind, what in found["how"]
