@@ -14,7 +14,7 @@ import optax
 from numpyro_onlineem import core
 from numpyro_onlineem.compilation import enable_compilation_cache
 from numpyro_onlineem.families import MStepOptions
-from numpyro_onlineem.first_trace import first_trace
+from numpyro_onlineem.first_trace import first_trace, model_sites
 from numpyro_onlineem.initialization import INIT_MODES, data_driven_init
 from numpyro_onlineem.model import (
     batch_indices,
@@ -27,7 +27,12 @@ from numpyro_onlineem.model import (
 from numpyro_onlineem.mstep.plan import MSTEP_PATHS, array_attrs, make_plan
 from numpyro_onlineem.mstep.sites import site_grid
 from numpyro_onlineem.runner import run_stream
-from numpyro_onlineem.schedules import Schedule, as_schedule, default_init_points
+from numpyro_onlineem.schedules import (
+    Schedule,
+    as_schedule,
+    default_burn_in,
+    default_init_points,
+)
 from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState, UpdateInfo
 from numpyro_onlineem.stream import (
     add_batch_axis,
@@ -353,7 +358,9 @@ class OnlineEM:
             would hold the parameters for those points anyway (see
             `numpyro_onlineem.schedules.default_init_points`). From an array, `init`
             also takes the points that would make a last, shorter batch (fewer than
-            ``batch_size``), so that no update compiles for that batch's shape alone.
+            ``batch_size``), so that no update compiles for that batch's shape alone,
+            and leaves at least one batch to update with. ``run`` warns when the
+            stream ends before any M step ran.
 
         Returns
         -------
@@ -388,6 +395,32 @@ class OnlineEM:
         if plan is None:
             plan = self._plan(jax.random.PRNGKey(0), *with_extra(call, extra), {})
         return default_init_points(plan.num_states, plan.default_burn_in, self.config.step_points)
+
+    def _array_init_points(self, data, extra, batch_size: int, init_points) -> int:
+        """Points `run` gives `init` from an array of data: ``init_points`` (at least a
+        batch), or `_init_points`'s default, at most all but one batch, and the points of
+        a last, shorter batch, which would compile an update of its own shape. The
+        default's plan is made on exactly the points `init` then gets, so that `init`
+        reuses its compiled runs; the number of components it needs first comes from an
+        abstract run of the model (`model_sites`)."""
+        if init_points is not None:
+            return max(batch_size, self._init_points(None, extra, init_points))
+        n = int(data.shape[0])
+
+        def with_remainder(n0: int) -> int:
+            n0 = max(batch_size, n0)
+            if n > batch_size:  # at least one batch is left to update with
+                n0 = min(n0, n - batch_size)
+            return n0 + (n - n0) % batch_size if n > n0 else n0
+
+        def call(m: int):
+            return with_extra(((data[:m],), {}), extra)
+
+        sites = model_sites(self.model, self.data_plate, *call(batch_size))
+        k = max(sites.num_states.values(), default=1)
+        n0 = with_remainder(default_init_points(k, default_burn_in(k, []), self.config.step_points))
+        plan = self._plan(jax.random.PRNGKey(0), *call(min(n0, n)), {})
+        return max(n0, with_remainder(self._init_points(None, extra, None, plan)))
 
     def _plan(self, rng_key, args, kwargs, init_params):
         """The plan `init` would make on this call (no data-driven start)."""

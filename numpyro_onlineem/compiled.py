@@ -42,7 +42,7 @@ NEEDS_VALUES = (
 """The errors of a function that reads its arguments' values while it is traced."""
 
 
-def _shapes(tree) -> tuple:
+def shapes(tree) -> tuple:
     """What ``jit`` keys a trace on, for every leaf: shape, dtype and weak type (a Python
     number is weakly typed), so that one key is one trace."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -200,7 +200,7 @@ def compiled(fn: Callable[..., Any], static: tuple, arrays: Any) -> Any:
     """
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(arrays)):
         return fn(*static, arrays)  # already under the caller's jit
-    key = Static((fn, static, _shapes(arrays)))
+    key = Static((fn, static, shapes(arrays)))
     try:
         hash(key)
     except TypeError:  # a static argument that compares by value but has no hash

@@ -8,9 +8,10 @@ from typing import NamedTuple
 
 import jax
 
-from numpyro_onlineem.compiled import compiled
+from numpyro_onlineem.compiled import NEEDS_VALUES, compiled, shapes
 from numpyro_onlineem.estep.enumerate import num_data
 from numpyro_onlineem.model import ModelSites, classify_sites, trace_model
+from numpyro_onlineem.static import Static
 from numpyro_onlineem.stream import StaticArgs, merge_args, split_args
 
 
@@ -82,3 +83,44 @@ def first_trace(
     """
     inputs, static_args = split_args(args, kwargs)
     return compiled(_first_run, (model, data_plate, static_args), (rng_key, inputs, init_params))
+
+
+_SITES: dict = {}
+_MAX_SITES = 64
+
+
+def model_sites(model: Callable, data_plate: str | None, args: tuple, kwargs: dict) -> ModelSites:
+    """The model's sites (`classify_sites`) from an abstract run, ``jax.eval_shape``:
+    nothing runs or compiles. Cached per model, arguments and shapes (compared by value),
+    so that a second call traces nothing either.
+
+    Raises
+    ------
+    ValueError, NotImplementedError
+        From `classify_sites`, for models online EM cannot fit.
+    """
+    inputs, static_args = split_args(args, kwargs)
+    key = Static((model, data_plate, static_args, shapes(inputs)))
+    try:
+        return _SITES[key]
+    except (KeyError, TypeError):  # (TypeError: a static argument with no hash)
+        pass
+    found = {}
+
+    def run(inputs):
+        first = _first_run(model, data_plate, static_args, (jax.random.PRNGKey(0), inputs, {}))
+        found["sites"] = first.sites
+        return 0.0
+
+    try:
+        jax.eval_shape(run, inputs)
+    except NEEDS_VALUES:  # a model that reads its values in Python: run it
+        first = first_trace(model, data_plate, jax.random.PRNGKey(0), args, kwargs, {})
+        found["sites"] = first.sites
+    try:
+        if len(_SITES) >= _MAX_SITES:
+            _SITES.clear()
+        _SITES[key] = found["sites"]
+    except TypeError:
+        pass
+    return found["sites"]

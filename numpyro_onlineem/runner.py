@@ -54,8 +54,23 @@ def run_stream(
             raise ValueError(
                 "OnlineEM.run: pass batch_size=... to cut an array stream into batches."
             )
-        if int(batch_size) < 1:
-            raise ValueError(f"OnlineEM.run: batch_size must be >= 1, got {batch_size}.")
+        if int(batch_size) < 1 or int(batch_size) != batch_size:
+            raise ValueError(
+                f"OnlineEM.run: batch_size must be a whole number >= 1, got {batch_size}."
+            )
+        if not stream.shape or stream.shape[0] == 0:
+            raise ValueError(
+                f"OnlineEM.run: the stream is an array of shape {stream.shape}, with no "
+                "points along its first axis."
+            )
+    elif batch_size is not None:
+        warnings.warn(
+            f"OnlineEM.run: batch_size={batch_size} cuts array streams only; the items of "
+            f"this {type(stream).__name__} are the batches as they come (single points, "
+            "or batches of any size). Pass an array, or items of the batch size you want.",
+            UserWarning,
+            stacklevel=3,
+        )
     runner = _Runner(em, extra, progress_bar)
     try:
         state = init_state
@@ -65,12 +80,7 @@ def run_stream(
             if state is None:
                 first = (data[: int(batch_size)],), {}
                 with runner.explain_type_errors(first):
-                    n0 = em._init_points(first, extra, init_points)
-                n0 = max(int(batch_size), n0)
-                if init_points is None and data.shape[0] > n0:
-                    # the remainder joins init: a last, partial batch would compile an
-                    # update of its own shape (a second or so) for a few points
-                    n0 += (data.shape[0] - n0) % int(batch_size)
+                    n0 = em._array_init_points(data, extra, int(batch_size), init_points)
                 state = runner.init(rng_key, [((data[:n0],), {})], init_params)
                 data = data[n0:]
             if state.plan.model_sites.reads_subsample:
@@ -309,7 +319,30 @@ class _Runner:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        _warn_if_never_updated(self.em, state)
         return OnlineEMRunResult(self.em.get_params(state), state, losses)
+
+
+def _warn_if_never_updated(em, state) -> None:
+    """Warn when no M step has moved the parameters: the stream ended with `init`, or
+    within the burn-in, and the estimates are still the initial values."""
+    burn_in = em.config.burn_in
+    burn_in = state.plan.default_burn_in if burn_in is None else burn_in
+    seen, count = float(state.num_seen), int(state.count)
+    if count > 0 and seen > burn_in:
+        return
+    why = (
+        "no update followed init"
+        if count == 0
+        else f"all of them fell within the burn-in of {burn_in:g} points"
+    )
+    warnings.warn(
+        f"OnlineEM.run: {seen:g} points seen and {why}, so no M step has run: the estimates "
+        "are still the initial values. Pass more points, fewer to init (init_points=...), "
+        "or a shorter burn-in (OnlineEM(..., burn_in=...)).",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _skipped(infos) -> np.ndarray:

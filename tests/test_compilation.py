@@ -400,3 +400,17 @@ def test_a_changed_module_constant_is_read_again(rng, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "INIT_SCALE", 5.0)
     for fit in (em, OnlineEM(_reads_a_global, init="model")):
         np.testing.assert_allclose(fit.get_params(fit.init(jax.random.PRNGKey(0), x))["sd"], 5.0)
+
+
+def test_run_from_an_array_compiles_each_init_program_once(rng):
+    # the plan that sizes init is made on the very points init then gets: its compiled
+    # model runs serve both (they were compiled twice, for a batch and for init's points)
+    x = _blobs(rng, 1000)
+    key = jax.random.PRNGKey(0)
+    with _Compiles() as counted:
+        result = OnlineEM(_fresh_mixture()).run(key, x, batch_size=100, progress_bar=False)
+    assert counted.compiles.count("jit(run)") == 2, counted.compiles  # first run, probes
+    assert len(counted.compiles) <= 7, counted.compiles
+    # init took 256 points and the 44 of a last, short batch: 7 updates of 100
+    assert result.losses.shape == (7,)
+    np.testing.assert_allclose(np.sort(result.params["locs"][:, 0]), [-5, 0, 5], atol=0.2)

@@ -205,3 +205,31 @@ def test_non_finite_points_among_those_that_initialise_say_so(rng):
     x[10, 1] = np.nan
     with pytest.raises(ValueError, match=r"first 256 points initialise.*index \(10, 1\): nan"):
         OnlineEM(gmm_diag).run(jax.random.PRNGKey(0), (p for p in x), progress_bar=False)
+
+
+def test_a_short_array_is_fitted_not_only_initialised():
+    # 300 points in batches of 100: the default init (256 points and the 44 of a last,
+    # short batch) would take them all and no M step would run; init leaves a batch
+    rng = np.random.default_rng(0)
+    centres = np.array([[-4.0, 0.0], [0.0, 4.0], [4.0, -1.0]])
+    x = (centres[rng.integers(0, 3, 300)] + 2.7 * rng.normal(size=(300, 2))).astype(np.float32)
+    em = OnlineEM(gmm_diag)
+    result = em.run(jax.random.PRNGKey(0), x, batch_size=100, progress_bar=False)
+    assert result.losses.shape == (1,)
+    reference = GaussianMixture(3, covariance_type="diag", random_state=0).fit(x).score(x)
+    assert float(em.log_likelihood(result.state, x).mean()) > reference - 0.1
+    assert not np.allclose(result.params["scales"], 1.0)  # not the model's placeholder
+    # a stream that ends with init is fitted by no M step: run says so
+    with pytest.warns(RuntimeWarning, match="no M step has run"):
+        em.run(jax.random.PRNGKey(0), x[:200], batch_size=300, progress_bar=False)
+
+
+def test_run_refuses_an_empty_array_and_a_fractional_batch_size():
+    em = OnlineEM(gmm_diag)
+    with pytest.raises(ValueError, match=r"shape \(0, 2\), with no points"):
+        em.run(jax.random.PRNGKey(0), np.zeros((0, 2), np.float32), batch_size=10)
+    with pytest.raises(ValueError, match="whole number >= 1, got 50.5"):
+        em.run(jax.random.PRNGKey(0), np.zeros((100, 2), np.float32), batch_size=50.5)
+    x = np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32)
+    with pytest.warns(UserWarning, match="cuts array streams only"):
+        em.run(jax.random.PRNGKey(0), list(x), batch_size=100, progress_bar=False)
