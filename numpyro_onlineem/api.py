@@ -338,7 +338,8 @@ class OnlineEM:
             ``(args, kwargs)`` pair, holding the per-datum arrays of the model (first
             axis: the data points). A single point (one dimension fewer) is a batch of
             one. An array with ``batch_size`` is cut into batches along its first axis (a
-            final partial batch is used too).
+            final partial batch is used too); so is a tuple of arrays of one length,
+            ``(X, y)``, the model's array arguments cut together.
         *args, **kwargs
             The model's other arguments (``N``, ``K``, ...), passed after each item's.
         batch_size : int, optional

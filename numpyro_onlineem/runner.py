@@ -63,11 +63,14 @@ def run_stream(
                 f"OnlineEM.run: the stream is an array of shape {stream.shape}, with no "
                 "points along its first axis."
             )
+    elif batch_size is not None and _is_columns(stream):
+        stream = _cut_columns(stream, int(batch_size))
     elif batch_size is not None:
         warnings.warn(
-            f"OnlineEM.run: batch_size={batch_size} cuts array streams only; the items of "
-            f"this {type(stream).__name__} are the batches as they come (single points, "
-            "or batches of any size). Pass an array, or items of the batch size you want.",
+            f"OnlineEM.run: batch_size={batch_size} cuts arrays and tuples of arrays only; "
+            f"the items of this {type(stream).__name__} are the batches as they come "
+            "(single points, or batches of any size). Pass an array, or items of the batch "
+            "size you want.",
             UserWarning,
             stacklevel=3,
         )
@@ -321,6 +324,29 @@ class _Runner:
             )
         _warn_if_never_updated(self.em, state)
         return OnlineEMRunResult(self.em.get_params(state), state, losses)
+
+
+def _is_columns(stream) -> bool:
+    """A tuple of arrays (``(X, y)``): the model's array arguments, to cut together."""
+    return (
+        isinstance(stream, tuple)
+        and len(stream) > 0
+        and all(isinstance(a, np.ndarray | jax.Array) and np.ndim(a) > 0 for a in stream)
+    )
+
+
+def _cut_columns(columns: tuple, batch_size: int):
+    """Batches ``(X[i:i + B], y[i:i + B])`` of a tuple of arrays of one length."""
+    if batch_size < 1 or batch_size != int(batch_size):
+        raise ValueError(f"OnlineEM.run: batch_size must be a whole number >= 1, got {batch_size}.")
+    lengths = [int(np.shape(a)[0]) for a in columns]
+    if len(set(lengths)) != 1 or lengths[0] == 0:
+        raise ValueError(
+            "OnlineEM.run: a tuple of arrays with batch_size holds the model's array "
+            "arguments, cut together along their first axis; these have lengths "
+            f"{lengths}. Pass arrays of one, nonzero length."
+        )
+    return (tuple(a[i : i + batch_size] for a in columns) for i in range(0, lengths[0], batch_size))
 
 
 def _warn_if_never_updated(em, state) -> None:

@@ -224,3 +224,28 @@ def test_nonlinear_and_shared_locations_take_the_numerical_path(rng, x64):
         state, _ = em.update(state, X, y)
     ref = least_squares(lambda b: 2.0 * np.tanh(X @ b) - y, np.full(3, 0.1), xtol=1e-14).x
     np.testing.assert_allclose(em.get_params(state)["beta"], ref, rtol=1e-6)
+
+
+def test_run_cuts_a_tuple_of_arrays_like_a_generator_of_its_batches(rng):
+    n = 2_000
+    X = np.concatenate([np.ones((n, 1)), rng.normal(size=(n, 2))], 1).astype(np.float32)
+    y = (X @ np.array([1.0, -2.0, 0.5]) + 0.3 * rng.normal(size=n)).astype(np.float32)
+
+    def regression(X, y):
+        beta = numpyro.param("beta", jnp.zeros(X.shape[-1]))
+        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
+        with numpyro.plate("data", X.shape[0]):
+            numpyro.sample("y", dist.Normal(X @ beta, sigma), obs=y)
+
+    em = OnlineEM(regression)
+    key = jax.random.PRNGKey(0)
+    cut = em.run(key, (X, y), batch_size=100, progress_bar=False)
+    batches = ((X[i : i + 100], y[i : i + 100]) for i in range(0, n, 100))
+    given = em.run(key, batches, progress_bar=False)
+    for name in ("beta", "sigma"):
+        np.testing.assert_array_equal(cut.params[name], given.params[name])
+    # one pass of the stream ends at ordinary least squares on all of it
+    ols = np.linalg.lstsq(X.astype(float), y.astype(float), rcond=None)[0]
+    np.testing.assert_allclose(cut.params["beta"], ols, atol=0.02)
+    with pytest.raises(ValueError, match=r"lengths \[2000, 1999\]"):
+        em.run(key, (X, y[:-1]), batch_size=100, progress_bar=False)

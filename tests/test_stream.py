@@ -231,5 +231,5 @@ def test_run_refuses_an_empty_array_and_a_fractional_batch_size():
     with pytest.raises(ValueError, match="whole number >= 1, got 50.5"):
         em.run(jax.random.PRNGKey(0), np.zeros((100, 2), np.float32), batch_size=50.5)
     x = np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32)
-    with pytest.warns(UserWarning, match="cuts array streams only"):
+    with pytest.warns(UserWarning, match="cuts arrays and tuples of arrays only"):
         em.run(jax.random.PRNGKey(0), list(x), batch_size=100, progress_bar=False)
