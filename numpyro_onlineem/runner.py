@@ -183,6 +183,7 @@ class _Runner:
         if first is None:
             return None
         call = as_call(first)
+        point_ndims = _ndims(call)
         with self.explain_type_errors(call):
             point = self.em._is_single_point(call, self.extra)
             if point:
@@ -196,7 +197,9 @@ class _Runner:
             item = next(items, None)
             if item is None:
                 break
-            call = add_batch_axis(as_call(item)) if point else as_call(item)
+            call = as_call(item)
+            if point and _ndims(call) == point_ndims:  # (a batch may follow single points)
+                call = add_batch_axis(call)
             calls.append(call)
             seen += num_points(call)
         return self.init(rng_key, calls, init_params)
@@ -324,6 +327,11 @@ class _Runner:
             )
         _warn_if_never_updated(self.em, state)
         return OnlineEMRunResult(self.em.get_params(state), state, losses)
+
+
+def _ndims(call: tuple) -> tuple:
+    """The number of dimensions of every array in a call's ``(args, kwargs)``."""
+    return tuple(np.ndim(a) for a in jax.tree.leaves(call) if is_array(a))
 
 
 def _is_columns(stream) -> bool:

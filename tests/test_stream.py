@@ -233,3 +233,16 @@ def test_run_refuses_an_empty_array_and_a_fractional_batch_size():
     x = np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32)
     with pytest.warns(UserWarning, match="cuts arrays and tuples of arrays only"):
         em.run(jax.random.PRNGKey(0), list(x), batch_size=100, progress_bar=False)
+
+
+def test_a_single_point_then_batches_from_one_generator():
+    # the first item decides that items are single points; later batches stay batches
+    rng = np.random.default_rng(1)
+    centres = np.array([[-4.0, 0.0], [0.0, 4.0], [4.0, -1.0]])
+    x = (centres[rng.integers(0, 3, 2000)] + rng.normal(size=(2000, 2))).astype(np.float32)
+    em = OnlineEM(gmm_diag)
+    stream = iter([x[0]] + [x[i : i + 50] for i in range(1, 2000, 50)])
+    result = em.run(jax.random.PRNGKey(0), stream, progress_bar=False)
+    assert float(result.state.num_seen) == 2000
+    reference = GaussianMixture(3, covariance_type="diag", random_state=0).fit(x).score(x)
+    assert float(em.log_likelihood(result.state, x).mean()) > reference - 0.01

@@ -209,10 +209,10 @@ def _unconstrained_shape(name: str, ps) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _to_support(constraints: Static, us: dict) -> dict:
+def _to_support(supports: Static, us: dict) -> dict:
     """``biject_to(constraint)(u)`` of every site in one compiled call (op by op it
     compiles a program per operation, a tenth of a second each on the CPU)."""
-    return {name: biject_to(constraints.value[name])(u) for name, u in us.items()}
+    return {name: biject_to(supports.value[name])(u) for name, u in us.items()}
 
 
 class SiteUse(NamedTuple):
