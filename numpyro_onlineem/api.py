@@ -399,7 +399,8 @@ class OnlineEM:
 
     def _array_init_points(self, data, extra, batch_size: int, init_points) -> int:
         """Points `run` gives `init` from an array of data: ``init_points`` (at least a
-        batch), or `_init_points`'s default, at most all but one batch, and the points of
+        batch), or `_init_points`'s default, at most all but one batch (when that leaves
+        `init` a batch), and the points of
         a last, shorter batch, which would compile an update of its own shape. The
         default's plan is made on exactly the points `init` then gets, so that `init`
         reuses its compiled runs; the number of components it needs first comes from an
@@ -410,7 +411,7 @@ class OnlineEM:
 
         def with_remainder(n0: int) -> int:
             n0 = max(batch_size, n0)
-            if n > batch_size:  # at least one batch is left to update with
+            if n >= 2 * batch_size:  # a batch is left to update with, init keeps one
                 n0 = min(n0, n - batch_size)
             return n0 + (n - n0) % batch_size if n > n0 else n0
 
