@@ -360,8 +360,8 @@ class OnlineEM:
             `numpyro_onlineem.schedules.default_init_points`). From an array, `init`
             also takes the points that would make a last, shorter batch (fewer than
             ``batch_size``), so that no update compiles for that batch's shape alone,
-            and leaves at least one batch to update with. ``run`` warns when the
-            stream ends before any M step ran.
+            and leaves a batch to update with when the array holds two or more.
+            ``run`` warns when the stream ends before any M step ran.
 
         Returns
         -------
