@@ -24,6 +24,8 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from scipy.optimize import linear_sum_assignment
 
+from numpyro_onlineem.model import support_size
+
 #: Largest number of joint axis assignments `component_axes` tries for one latent.
 MAX_ASSIGNMENTS = 4096
 
@@ -146,7 +148,7 @@ def _factor_function(model, params, plain, args, kwargs):
     latents = {
         name: (
             tr[name]["infer"]["name_to_dim"][name],
-            int(tr[name]["fn"].enumerate_support(expand=False).shape[0]),
+            support_size(tr[name]["fn"]),
         )
         for name in local
         if not tr[name]["is_observed"]

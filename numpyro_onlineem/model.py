@@ -329,11 +329,11 @@ def classify_sites(trace: OrderedDict, data_plate: str | None = None) -> ModelSi
         local=tuple(local),
         data_plate=data_plate,
         max_plate_nesting=max_plate_nesting,
-        num_states={n: _num_states(trace[n]["fn"]) for n in enumerated},
+        num_states={n: support_size(trace[n]["fn"]) for n in enumerated},
     )
 
 
-def _num_states(fn) -> int:
+def support_size(fn) -> int:
     """The number of values of a discrete distribution's support (a static shape, also
     under ``jit``)."""
     return int(jnp.shape(fn.enumerate_support(expand=False))[0])

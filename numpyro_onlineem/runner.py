@@ -54,16 +54,14 @@ def run_stream(
             raise ValueError(
                 "OnlineEM.run: pass batch_size=... to cut an array stream into batches."
             )
-        if int(batch_size) < 1 or int(batch_size) != batch_size:
-            raise ValueError(
-                f"OnlineEM.run: batch_size must be a whole number >= 1, got {batch_size}."
-            )
+        _check_batch_size(batch_size)
         if not stream.shape or stream.shape[0] == 0:
             raise ValueError(
                 f"OnlineEM.run: the stream is an array of shape {stream.shape}, with no "
                 "points along its first axis."
             )
     elif batch_size is not None and _is_columns(stream):
+        _check_batch_size(batch_size)
         stream = _cut_columns(stream, int(batch_size))
     elif batch_size is not None:
         warnings.warn(
@@ -334,6 +332,11 @@ def _ndims(call: tuple) -> tuple:
     return tuple(np.ndim(a) for a in jax.tree.leaves(call) if is_array(a))
 
 
+def _check_batch_size(batch_size) -> None:
+    if int(batch_size) < 1 or int(batch_size) != batch_size:
+        raise ValueError(f"OnlineEM.run: batch_size must be a whole number >= 1, got {batch_size}.")
+
+
 def _is_columns(stream) -> bool:
     """A tuple of arrays (``(X, y)``): the model's array arguments, to cut together."""
     return (
@@ -345,8 +348,6 @@ def _is_columns(stream) -> bool:
 
 def _cut_columns(columns: tuple, batch_size: int):
     """Batches ``(X[i:i + B], y[i:i + B])`` of a tuple of arrays of one length."""
-    if batch_size < 1 or batch_size != int(batch_size):
-        raise ValueError(f"OnlineEM.run: batch_size must be a whole number >= 1, got {batch_size}.")
     lengths = [int(np.shape(a)[0]) for a in columns]
     if len(set(lengths)) != 1 or lengths[0] == 0:
         raise ValueError(
