@@ -13,7 +13,7 @@ constraints and a prior:
   are a posterior mode, and stay positive.
 
 ``OnlineEM`` chooses the M step of every site by itself: the weights take the closed
-form, the other sites the numerical M step (Newton steps with the complete-data
+form, the other sites the numerical M step (Newton steps with the observed
 information, in unconstrained space, so that both constraints hold after every update).
 The script prints which path each site took, fits a stream of mini-batches in one pass,
 and compares the result with the batch posterior mode that ``scipy.optimize`` finds on

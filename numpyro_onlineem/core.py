@@ -178,8 +178,19 @@ def batch_statistics(
         }
         return local / batch_size, priors
 
+    def log_marginal(values: dict) -> jax.Array:
+        return jnp.mean(plan.estep.log_likelihood(trace_at(values), sites, shifts))
+
     batch = EStepBatch(
-        trace, res.weights, shifts, batch_size, total_size, params, expected_log_joint, trace_at
+        trace,
+        res.weights,
+        shifts,
+        batch_size,
+        total_size,
+        params,
+        expected_log_joint,
+        trace_at,
+        log_marginal,
     )
     if fresh:  # the fixed reference points of the M steps that take one (MStep.reference)
         refs = {m.name: m.reference(batch) for m in plan.msteps if hasattr(m, "reference")}

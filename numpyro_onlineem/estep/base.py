@@ -3,6 +3,7 @@ r"""The E-step protocol: the posterior of a batch's local latents given the para
 An E step is a small static callable (hashable by value, it lives in the plan):
 
     estep(trace, sites, centers) -> EStepResult
+    estep.log_likelihood(trace, sites, centers) -> (batch,)
 
 from the model's trace on a batch (`numpyro_onlineem.model.enum_trace`) to the
 per-datum marginal log-likelihood and the posterior weight of every configuration of
@@ -56,3 +57,9 @@ class EStep(Protocol):
         self, trace: OrderedDict, sites: ModelSites, centers: dict | None = None
     ) -> EStepResult:
         """The E step of one batch."""
+
+    def log_likelihood(
+        self, trace: OrderedDict, sites: ModelSites, centers: dict | None = None
+    ) -> jax.Array:
+        r"""$\log p(x_i \mid \theta)$ of every datum, ``(batch,)``: the ``loglik`` of the
+        call alone, cheap to differentiate."""

@@ -132,21 +132,36 @@ def _contract(log_probs: dict, layout: tuple, sites: ModelSites, plates: frozens
     return data
 
 
-def e_step(trace: OrderedDict, sites: ModelSites, centers: dict | None = None) -> EStepResult:
-    """Exact posterior weights of every local factor of an enumerated trace
-    (``centers``: see `local_log_probs`)."""
+def _marginal(trace: OrderedDict, sites: ModelSites, centers: dict | None):
+    """The local factors of an enumerated trace and ``log_probs -> loglik (batch,)``,
+    their contraction over the enumerated states."""
     log_probs, layout = local_log_probs(trace, sites, centers)
     plates = frozenset(
         f.name for n in sites.local for f in trace[n]["cond_indep_stack"] if f.dim is not None
     )
     size = data_plate_frame(trace[sites.observed[0]], sites.data_plate).size
+    return log_probs, lambda lps: _contract(lps, layout, sites, plates, size)
+
+
+def e_step(trace: OrderedDict, sites: ModelSites, centers: dict | None = None) -> EStepResult:
+    """Exact posterior weights of every local factor of an enumerated trace
+    (``centers``: see `local_log_probs`): the gradients of the summed marginal
+    log-likelihood with respect to the factors."""
+    log_probs, contract = _marginal(trace, sites, centers)
 
     def total(lps):
-        ll = _contract(lps, layout, sites, plates, size)
+        ll = contract(lps)
         return ll.sum(), ll
 
     (_, loglik), weights = jax.value_and_grad(total, has_aux=True)(log_probs)
     return EStepResult(loglik, weights, log_probs, trace)
+
+
+def log_likelihood(trace: OrderedDict, sites: ModelSites, centers: dict | None = None) -> jax.Array:
+    r"""$\log p(x_i \mid \theta)$ of every datum, ``(batch,)``: `e_step`'s ``loglik``
+    without the posterior weights, for functions that differentiate it."""
+    log_probs, contract = _marginal(trace, sites, centers)
+    return contract(log_probs)
 
 
 def num_data(trace: OrderedDict, sites: ModelSites) -> tuple[int, float]:
@@ -173,3 +188,8 @@ class Enumerate(NamedTuple):
         self, trace: OrderedDict, sites: ModelSites, centers: dict | None = None
     ) -> EStepResult:
         return e_step(trace, sites, centers)
+
+    def log_likelihood(
+        self, trace: OrderedDict, sites: ModelSites, centers: dict | None = None
+    ) -> jax.Array:
+        return log_likelihood(trace, sites, centers)

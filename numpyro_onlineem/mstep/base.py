@@ -65,6 +65,11 @@ class EStepBatch(NamedTuple):
         ``params -> OrderedDict``: the model's trace on the batch at other values of the
         estimated sites (the same data and subsample). The weighted least squares of
         `numpyro_onlineem.mstep.linear` differentiates a location through it.
+    log_marginal : callable or None
+        ``params -> ()``: the batch's marginal log-likelihood per datum at other values
+        of the estimated sites, $|B|^{-1} \sum_i \log p(x_i \mid \theta)$ (the E step
+        run again at ``params``). Its Hessian is the observed information that the
+        numerical Newton step preconditions with.
     """
 
     trace: OrderedDict
@@ -75,6 +80,7 @@ class EStepBatch(NamedTuple):
     params: dict
     expected_log_joint: Callable
     trace_at: Callable | None = None
+    log_marginal: Callable | None = None
 
 
 class MStepContext(NamedTuple):

@@ -17,24 +17,30 @@ as the data plate states it: $N$ times its per-datum average, against the log-pr
 
 Two methods, both pure and jittable, both with their state in the inference state:
 
-``"newton"`` (the default up to `NEWTON_MAX_DIM` unconstrained numbers): recursive EM
-with the complete-data information (Titterington 1984),
+``"newton"`` (the default up to `NEWTON_MAX_DIM` unconstrained numbers): a stochastic
+Newton step with the online observed information, Titterington's (1984) recursion with
+the marginal likelihood's curvature in place of the complete data's,
 
 $$
 u_n = u_{n-1} + \gamma_n |\hat H_n|^{-1} \nabla_u \bar q_n(u_{n-1}), \qquad
 \hat H_n = \hat H_{n-1} + \gamma_n (H_n - \hat H_{n-1}),
 $$
 
-with $H_n = -\nabla^2_u \bar q_n(u_{n-1})$ the batch's complete-data information per
-datum, kept as a stochastic approximation exactly like a closed-form site's sufficient
-statistics (its "statistics"); for an exponential-family site in its natural
-parameters this is Cappé–Moulines's online EM. $|\hat H|$ has the absolute eigenvalues
-of $\hat H$, floored at `EIGEN_FLOOR` times the largest, so the step is an ascent
-direction even where $Q$ is not concave. By Fisher's identity
-$\nabla_u \bar q_n(u_{n-1})$ is the gradient of the batch's marginal log-likelihood, so
-under the Robbins–Monro conditions ($\sum\gamma = \infty$, $\sum\gamma^2 < \infty$)
-the iterates converge to a stationary point of the (penalised) marginal
-log-likelihood, and Polyak averaging with $\kappa < 1$ gives them the efficient rate.
+with $H_n = -\nabla^2_u \bar\ell_n(u_{n-1})$ the batch's observed information per
+datum ($\bar\ell_n$ its marginal log-likelihood, the E step run again inside the
+derivative), kept as a stochastic approximation exactly like a closed-form site's
+sufficient statistics (its "statistics"). $|\hat H|$ has the absolute eigenvalues of
+$\hat H$, floored at `EIGEN_FLOOR` times the largest, so the step is an ascent
+direction even where the likelihood is not concave. By Fisher's identity
+$\nabla_u \bar q_n(u_{n-1}) = \nabla_u \bar\ell_n(u_{n-1})$, so this is stochastic
+Newton ascent on the (penalised) marginal log-likelihood: under the Robbins–Monro
+conditions ($\sum\gamma = \infty$, $\sum\gamma^2 < \infty$) the iterates converge to a
+stationary point, and Polyak averaging with $\kappa < 1$ gives them the efficient rate.
+The complete-data information $-\nabla^2_u \bar q_n$ (Titterington's own choice) is
+larger by the missing information, so its steps are shorter, at EM's rate: measured on
+the benchmark's mixture of two logistic regressions (`benchmarks/generalized_em.py`,
+50k points), one pass ended 0.0146 nats/point short of the batch MLE with it and
+0.0003 short with the observed information.
 
 ``"optax"`` (above `NEWTON_MAX_DIM`, or with an optimizer of the user's):
 ``steps`` optimizer steps on the batch's $-\bar q$, under ``lax.scan``, the E-step
@@ -133,6 +139,18 @@ class Numerical(NamedTuple):
 
         return objective
 
+    def _marginal(self, batch: EStepBatch, params: dict, unravel):
+        r"""$u \mapsto \bar\ell(u)$: the batch's marginal log-likelihood per datum, plus
+        the log-prior of the global sites over $N$."""
+
+        def objective(flat: jax.Array) -> jax.Array:
+            values = self._constrained(params, unravel(flat))
+            _, priors = batch.expected_log_joint(values)
+            prior = sum(priors.values(), jnp.zeros(()))
+            return batch.log_marginal(values) + prior / batch.total_size
+
+        return objective
+
     def _optimizer(self) -> optax.GradientTransformation:
         return default_optimizer() if self.optimizer is None else self.optimizer
 
@@ -148,13 +166,13 @@ class Numerical(NamedTuple):
         return self._optimizer().init(flat)
 
     def statistics(self, batch: EStepBatch) -> dict:
-        r"""``"newton"``: the batch's complete-data information at the current value,
-        ``{"info": -\nabla^2_u \bar q(u') (p, p)}``; ``"optax"``: none (its steps read
+        r"""``"newton"``: the batch's observed information at the current value,
+        ``{"info": -\nabla^2_u \bar\ell(u') (p, p)}``; ``"optax"``: none (its steps read
         the batch's $Q$ directly)."""
         if self.method != "newton":
             return {}
         flat, unravel = ravel_pytree(self._unconstrained(batch.params))
-        info = -jax.hessian(self._objective(batch, batch.params, unravel))(flat)
+        info = -jax.hessian(self._marginal(batch, batch.params, unravel))(flat)
         return {"info": 0.5 * (info + info.T)}
 
     def update(

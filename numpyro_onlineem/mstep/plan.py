@@ -922,7 +922,7 @@ def _linear_path(name: str, use: SiteUse, ls: LinearSite) -> str:
 def _numerical_path(name: str, ps, m: Numerical) -> str:
     """`report`'s words for a site of a numerical M step."""
     if m.method == "newton":
-        how = "Newton steps with the online complete-data information (Titterington)"
+        how = "Newton steps with the online observed information"
     else:
         opt = "Adam(0.05)" if m.optimizer is None else "the given optax optimizer"
         how = f"{m.steps} {opt} step{'s' if m.steps > 1 else ''} per update"
