@@ -367,9 +367,10 @@ class OnlineEM:
         -------
         OnlineEMRunResult
             ``(params, state, losses)``: ``losses`` has one entry per update. Batches of
-            one shape are fused ``chunk_size`` at a time into one compiled ``lax.scan``
-            (fewer when a fused call would take over a second, so that the progress bar
-            moves). Shapes are checked eagerly (ValueError); values inside the compiled
+            one shape are fused ``chunk_size`` at a time into one compiled loop (fewer
+            when a fused call would take over a second, so that the progress bar
+            moves); a shorter last chunk runs in the same compiled loop, for the cost of
+            its own batches. Shapes are checked eagerly (ValueError); values inside the compiled
             updates: a batch with non-finite or out-of-support values is skipped (the
             state is left as it was, its loss is not finite) and ``run`` warns with the
             count at the end.
@@ -569,11 +570,25 @@ def _update(config, state, arrays, static):
     return core.update(config, state, args, kwargs)
 
 
-def _scan(config, state, arrays, static):
-    def body(s, batch):
-        return _update(config, s, batch, static)
+def _scan(config, state, arrays, static, length):
+    """`_update` over stacked batches, the first ``length`` of them (a traced count): the
+    rest are padding, never computed (a loop of ``length`` steps, as ``lax.scan``
+    lowers to), so that a shorter call shares the full chunk's compiled program and
+    costs its own batches only. Returns the state and the stacked infos (zeros past
+    ``length``)."""
+    num = jax.tree.leaves(arrays)[0].shape[0]
+    first = jax.tree.map(lambda a: a[0], arrays)
+    info = jax.eval_shape(lambda s, b: _update(config, s, b, static)[1], state, first)
+    infos = jax.tree.map(lambda a: jnp.zeros((num,) + a.shape, a.dtype), info)
 
-    return jax.lax.scan(body, state, arrays)
+    def body(i, carry):
+        s, out = carry
+        batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), arrays)
+        s, one = _update(config, s, batch, static)
+        out = jax.tree.map(lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v, i, 0), out, one)
+        return s, out
+
+    return jax.lax.fori_loop(0, jnp.minimum(length, num), body, (state, infos))
 
 
 def _loglik(config, state, arrays, static):

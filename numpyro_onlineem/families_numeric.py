@@ -12,8 +12,10 @@ Every objective here is concave in the parameter (the log-partition function is 
 and the solvers only ever move to a point of higher objective: at each iteration they
 take the best of a few Newton proposals (in $\theta$, $\log\theta$ and $1/\theta$, which
 between them cover the regimes where the objective is close to linear in one of those
-coordinates, Minka 2002), or the plain Newton step once it is small. Everything runs
-under ``lax.fori_loop`` with a fixed iteration count: jittable, no data-dependent loops.
+coordinates, Minka 2002), or the plain Newton step once it is small. Every solver runs
+under `iterate`: at most a fixed number of iterations, stopping once no value moves
+(relative to itself) by more than a few float roundings; online, from the previous
+update's value, that is two or three.
 """
 
 from __future__ import annotations
@@ -41,6 +43,30 @@ it and a closed-form approximation) 3-5 reach float64 precision; the rest cover 
 far from the maximiser (the first M step after the burn-in)."""
 
 _NEAR = 0.1  # a Newton step below this fraction of the value is taken without a check
+
+_ROUNDINGS = 16.0  # `iterate` stops when no value moves by more than this many epsilons
+
+
+def iterate(body, x0: jax.Array, num_iters: int) -> jax.Array:
+    r"""``x <- body(x)`` from ``x0`` until no element moves by more than `_ROUNDINGS`
+    float epsilons relative to itself, at most ``num_iters`` times: the result of
+    ``lax.fori_loop(0, num_iters, body, x0)`` up to rounding (a ``body`` that no longer
+    moves its argument leaves it where it is), at the cost of the iterations needed.
+    ``x0``: any shape."""
+    tol = _ROUNDINGS * jnp.finfo(x0.dtype).eps
+
+    def cond(carry):
+        i, _, done = carry
+        return (i < num_iters) & ~done
+
+    def step(carry):
+        i, x, _ = carry
+        new = body(i, x)
+        moved = jnp.abs(new - x) > tol * jnp.abs(x)
+        return i + 1, new, ~jnp.any(moved | jnp.isnan(new))
+
+    init = (jnp.zeros((), jnp.int32), x0, jnp.zeros((), bool))
+    return jax.lax.while_loop(cond, step, init)[1]
 
 
 def _trigamma(x: jax.Array) -> jax.Array:
@@ -109,7 +135,7 @@ def maximise_positive(objective, grad_hess, x0: jax.Array, num_iters: int = NUM_
         near = (jnp.abs(step) <= _NEAR * x) & (h < 0)
         return jnp.where(near, x + step, best)
 
-    return jax.lax.fori_loop(0, num_iters, body, x0)
+    return iterate(body, x0, num_iters)
 
 
 def dirichlet_objective(alpha: jax.Array, mean_log: jax.Array) -> jax.Array:
@@ -166,7 +192,7 @@ def fit_dirichlet(
         near = jnp.all(jnp.abs(step) <= _NEAR * a, axis=-1, keepdims=True)
         return jnp.where(near, a + step, best)
 
-    return jax.lax.fori_loop(0, num_iters, body, alpha0)
+    return iterate(body, alpha0, num_iters)
 
 
 def gamma_shape_start(c: jax.Array) -> jax.Array:
@@ -189,7 +215,7 @@ def inverse_digamma(y: jax.Array, num_iters: int = 5) -> jax.Array:
     def body(_, x):
         return jnp.maximum(x - (digamma(x) - y) / _trigamma(x), 0.5 * x)
 
-    return jax.lax.fori_loop(0, num_iters, body, inverse_digamma_start(y))
+    return iterate(body, inverse_digamma_start(y), num_iters)
 
 
 def _better(objective, current: jax.Array, start: jax.Array) -> jax.Array:

@@ -113,9 +113,9 @@ class _Runner:
     updates, the progress bar, losses and skipped batches."""
 
     SLOW_CHUNK_SECONDS = 1.0
-    # a final partial chunk is padded (with NaN batches, skipped) when that wastes at
-    # most this many points' updates (or as many as it holds): cheaper than compiling a
-    # single update (seconds)
+    # a final partial chunk is padded (with batches of zeros, never computed) when that
+    # copies at most this many points of padding (or as many as it holds): cheaper than
+    # compiling a single update (seconds)
     PAD_POINTS = 65_536
 
     def __init__(self, em, extra: tuple, progress_bar: bool):
@@ -257,27 +257,22 @@ class _Runner:
     def _chunk(self, state, stacked, static, length):
         """``length`` stacked batches in one fused call of the current chunk length.
 
-        A shorter final chunk is padded with batches of NaN, which the update skips
-        (a non-finite loss leaves the state exactly as it was), so that it needs no
-        compile of its own. Padding is used only when every stacked array is floating
-        point, and when it wastes at most `PAD_POINTS` points' updates (or as many as
-        the chunk holds); the padded updates are checked to have been skipped (a model
-        that ignored the NaN would have applied them), else the chunk runs one update
-        at a time from the state before it."""
+        A shorter final chunk is padded (with zeros) to the chunk length, so that it
+        needs no compile of its own; the fused call passes over the padding without
+        computing it (`numpyro_onlineem.api._scan`). Padding is used when it costs at
+        most `PAD_POINTS` points' copies (or as many as the chunk holds); otherwise the
+        chunk runs one update at a time."""
         points = _batch_points(stacked[0], 1)
         if length < self.length:
             wasted = (self.length - length) * points
-            floating = all(np.issubdtype(a.dtype, np.floating) for a in stacked)
-            if not floating or wasted > max(length * points, self.PAD_POINTS):
+            if wasted > max(length * points, self.PAD_POINTS):
                 return self._singles(state, stacked, static, length)
-            padded = [_pad_nan(a, self.length) for a in stacked]
-            new, infos = self.em._scan_jit(state, padded, static)
-            if not _skipped(infos)[length:].all():
-                return self._singles(state, stacked, static, length)
+            padded = [_pad(a, self.length) for a in stacked]
+            new, infos = self.em._scan_jit(state, padded, static, np.int32(length))
             self._record(infos, length * points, length)
             return new
         start = time.perf_counter()
-        state, infos = self.em._scan_jit(state, stacked, static)
+        state, infos = self.em._scan_jit(state, stacked, static, np.int32(length))
         self._record(infos, length * points, length)
         elapsed = time.perf_counter() - start
         if self.length in self.timed and elapsed > self.SLOW_CHUNK_SECONDS and self.length > 1:
@@ -427,10 +422,11 @@ def _check_prior_weight(plan) -> None:
         )
 
 
-def _pad_nan(stacked, length: int):
-    """Stacked batches padded to ``length`` with batches of NaN (on the host)."""
+def _pad(stacked, length: int):
+    """Stacked batches padded to ``length`` with batches of zeros (on the host; never
+    computed, see `numpyro_onlineem.api._scan`)."""
     stacked = np.asarray(stacked)
-    pad = np.full((length - stacked.shape[0],) + stacked.shape[1:], np.nan, stacked.dtype)
+    pad = np.zeros((length - stacked.shape[0],) + stacked.shape[1:], stacked.dtype)
     return np.concatenate([stacked, pad])
 
 

@@ -256,13 +256,17 @@ def test_a_final_partial_chunk_compiles_no_update_of_its_own(rng):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_padding_that_a_model_would_not_skip_falls_back_to_single_updates(rng):
-    def nan_blind(x, K=3):  # reads NaN as 0: a padded batch would count as data
+def test_padding_is_never_computed_even_where_a_model_would_fit_it(rng):
+    def zero_blind(x, K=3):  # fits zeros like any data: computed padding would count
         gmm_diag(jnp.nan_to_num(x), K)
 
     x = _blobs(rng, 2350)
-    em = OnlineEM(nan_blind, chunk_size=8)
-    result = em.run(jax.random.PRNGKey(0), x, batch_size=100, init_points=250, progress_bar=False)
+    em = OnlineEM(zero_blind, chunk_size=8)
+    with _Compiles() as counted:
+        result = em.run(
+            jax.random.PRNGKey(0), x, batch_size=100, init_points=250, progress_bar=False
+        )
+    assert "_scan" in counted.traces and "_update" not in counted.traces
     state = em.init(jax.random.PRNGKey(0), x[:250])
     for i in range(21):
         state, _ = em.update(state, x[250 + 100 * i : 350 + 100 * i])
