@@ -112,6 +112,22 @@ def _loglik_trace(em, state, args, num_iters):
     return np.array(values), state
 
 
+def test_one_streamed_pass_of_a_logistic_mixture_reaches_the_scipy_mle(rng):
+    """The users' setting: one pass over a stream of mini-batches with the defaults. The
+    Newton path's observed information gives it the efficient rate where the
+    complete-data information held it to EM's (0.018 nats/point short here)."""
+    X, y = _logistic_data(rng, 40_000)
+    em = OnlineEM(logistic_mixture)
+    result = em.run(jax.random.PRNGKey(0), (X, y), batch_size=256, progress_bar=False)
+    start = np.array([np.log(0.4 / 0.6), -1.0, 3.0, 0.0, 1.0, -1.0, 2.5])
+    best = minimize(_logistic_nll, start, args=(X, y), method="L-BFGS-B")
+    w = np.asarray(result.params["weights"], np.float64)
+    v = np.concatenate([[np.log(w[0] / w[1])], np.asarray(result.params["beta"]).ravel()])
+    v_swapped = np.concatenate([[-v[0]], v[4:], v[1:4]])
+    gap = min(_logistic_nll(v, X, y), _logistic_nll(v_swapped, X, y)) - best.fun
+    assert gap < 2e-3, gap
+
+
 @pytest.mark.parametrize("path", ["newton", "optax", "optax_5_steps"])
 def test_full_batch_limit_never_decreases_the_likelihood(rng, x64, path):
     """Step size 1 and the whole data as every batch: generalized EM, whose marginal
