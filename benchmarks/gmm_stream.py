@@ -19,7 +19,9 @@ default (`numpyro_onlineem.schedules.default_init_points`):
 * **skl**: scikit-learn ``GaussianMixture`` batch EM on the whole stream, run to
   convergence. Its held-out ``score`` is the batch optimum LL*.
 
-Compile time is excluded: every compiled function runs once before it is timed.
+Compile time is excluded: every compiled function runs once before it is timed. Every
+timed pass starts from the stream in host memory (NumPy), and each call copies its
+batches to the device, as ``em.run`` does with a NumPy array.
 Held-out log-likelihoods are mean nats per point on a separate test sample, computed
 for every method by the same NumPy float64 code.
 

@@ -126,6 +126,7 @@ class _Runner:
         self.timed = set()
         self.infos = []
         self.bar = None
+        self.checked = None  # (shape, dtype, static, other arrays) of the last chunk
 
     def chunk_len(self) -> int:
         return self.length
@@ -243,11 +244,16 @@ class _Runner:
             item = Chunk(item.data[1:])
             if not len(item.data):
                 return state
-        args, kwargs = with_extra(((item.data[0],), {}), self.extra)
-        check_inputs(state.plan.input_spec, args, kwargs, "run", values=False)
-        _, static = split_args(args, kwargs)
-        arrays = split_args(*with_extra(((item.data,), {}), self.extra))[0]
-        return self._chunk(state, arrays, static, int(item.data.shape[0]))
+        data = item.data
+        last = self.checked
+        if last is None or last[0] != data.shape[1:] or last[1] != data.dtype:
+            # chunks of one array share their shapes and other arguments: checked once
+            args, kwargs = with_extra(((data[0],), {}), self.extra)
+            check_inputs(state.plan.input_spec, args, kwargs, "run", values=False)
+            _, static = split_args(args, kwargs)
+            arrays = split_args(*with_extra(((data,), {}), self.extra))[0]
+            self.checked = last = (data.shape[1:], data.dtype, static, arrays[1:])
+        return self._chunk(state, [data, *last[3]], last[2], int(data.shape[0]))
 
     def _flush(self, state, buffer):
         static = buffer[0][1]
@@ -303,12 +309,16 @@ class _Runner:
             self.bar.set_postfix(loss=f"{float(np.nanmean(loss)):.4f}", refresh=False)
 
     def result(self, state) -> OnlineEMRunResult:
-        flat = lambda xs: np.concatenate(
-            [np.atleast_1d(np.asarray(x))[:n] for x, n in xs]  # n=None: all
-        )
-        losses = flat([(i.loss, n) for i, n in self.infos]) if self.infos else np.zeros((0,))
-        bad = [(_skipped(i), n) for i, n in self.infos]
-        skipped = np.flatnonzero(flat(bad)) if bad else []
+        # every call's diagnostics to the host at once (one transfer each, overlapped)
+        fields = [(i.loss, i.nonfinite, i.out_of_support) for i, _ in self.infos]
+        fields = jax.device_get(fields)
+        cut = lambda x, n: np.atleast_1d(x)[:n]  # n=None: all
+        pieces = [
+            (cut(f[0], n), cut(f[1] | f[2], n))
+            for f, (_, n) in zip(fields, self.infos, strict=True)
+        ]
+        losses = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros((0,))
+        skipped = np.flatnonzero(np.concatenate([p[1] for p in pieces])) if pieces else []
         losses = jnp.asarray(losses)
         if len(skipped):
             warnings.warn(
