@@ -577,16 +577,14 @@ def _scan(config, state, arrays, static, length):
     costs its own batches only. Returns the state and the stacked infos (zeros past
     ``length``)."""
     num = jax.tree.leaves(arrays)[0].shape[0]
-    first = jax.tree.map(lambda a: a[0], arrays)
-    info = jax.eval_shape(lambda s, b: _update(config, s, b, static)[1], state, first)
-    infos = jax.tree.map(lambda a: jnp.zeros((num,) + a.shape, a.dtype), info)
+    infos = UpdateInfo.zeros((num,), state.num_seen.dtype)  # (no second trace of the update)
 
     def body(i, carry):
         s, out = carry
         batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), arrays)
         s, one = _update(config, s, batch, static)
-        out = jax.tree.map(lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v, i, 0), out, one)
-        return s, out
+        put = lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v.astype(o.dtype), i, 0)
+        return s, jax.tree.map(put, out, one)
 
     return jax.lax.fori_loop(0, jnp.minimum(length, num), body, (state, infos))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 
 class OnlineEMState(NamedTuple):
@@ -96,6 +97,20 @@ class UpdateInfo(NamedTuple):
     nonfinite: jax.Array
     out_of_support: jax.Array
     num_points: jax.Array
+
+    @classmethod
+    def zeros(cls, shape: tuple, real) -> UpdateInfo:
+        """Infos of ``shape`` updates, all zero (False), real fields of dtype ``real``:
+        the buffer a fused loop writes each update's info into."""
+        zeros = lambda dtype: jnp.zeros(shape, dtype)
+        return cls(
+            loss=zeros(real),
+            step_size=zeros(real),
+            m_step=zeros(bool),
+            nonfinite=zeros(bool),
+            out_of_support=zeros(bool),
+            num_points=zeros(real),
+        )
 
 
 class OnlineEMRunResult(NamedTuple):
