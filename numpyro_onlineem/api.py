@@ -370,10 +370,10 @@ class OnlineEM:
             one shape are fused ``chunk_size`` at a time into one compiled loop (fewer
             when a fused call would take over a second, so that the progress bar
             moves); a shorter last chunk runs in the same compiled loop, for the cost of
-            its own batches. Shapes are checked eagerly (ValueError); values inside the compiled
-            updates: a batch with non-finite or out-of-support values is skipped (the
-            state is left as it was, its loss is not finite) and ``run`` warns with the
-            count at the end.
+            its own batches. Shapes are checked eagerly (ValueError); values inside the
+            compiled updates: a batch with non-finite or out-of-support values is
+            skipped (the state is left as it was, its loss is not finite) and ``run``
+            warns with the count at the end.
         """
         return run_stream(
             self,
