@@ -10,14 +10,20 @@ enumerated latent):
   Lloyd iterations, best of 10 or 50 restarts, `init_restarts`; on the host, in NumPy)
   over the init batch **unless** its initial value was
   chosen on purpose: a ``numpyro.param`` whose initial value differs across
-  components (an ``ordered_vector`` site's always does, so it does not count). A
+  components (an ``ordered_vector`` site's always does, so it does not count), and
+  which gives every component data: some point of the init batch nearest to it. A
   placeholder such as ``jnp.zeros((K, D))`` is replaced, and so is a global site's
-  start, which is drawn from its prior rather than chosen.
+  start, which is drawn from its prior rather than chosen, and a value such as
+  ``jnp.linspace(-1, 1, K)`` when the data lie far from it (at an offset of 1e3 every
+  point is nearest to one end: the other components would explain no data, and EM
+  never moves a component that explains none).
 * ``init="kmeans++"``: every such site is set from the centres, whatever its value.
 * ``init="model"``: nothing is changed; the model's own init values (or prior medians
   for global sites) are used.
 
-Values passed as ``init_params`` to `OnlineEM.init` are never overridden. A site whose
+Values passed as ``init_params`` to `OnlineEM.init` are never overridden: a component
+that no point of the init batch is nearest to gets a ``RuntimeWarning`` there.
+``init="model"`` checks nothing (it runs no k-means and no extra trace). A site whose
 constraint orders its values (``ordered_vector``) gets its centres sorted along the
 ordered axis; otherwise, when the latent's mixture weights are unequal at the start
 (fixed, given or chosen), the centres are matched to them by cluster size
@@ -26,6 +32,8 @@ far from the origin keep their precision.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +204,45 @@ def _match_weights(centers: np.ndarray, pts: np.ndarray, weights: np.ndarray) ->
     return out
 
 
+MIN_POINTS_PER_COMPONENT = 10
+"""Init-batch points per component below which `_without_data` finds none: a component
+of weight ``1 / k`` is then nearest to none of ``10 k`` points with probability at
+most ``e**-10``."""
+
+
+def _without_data(centers: np.ndarray, value: np.ndarray, event: tuple) -> list:
+    """The components (indices into ``centers``, ``(k, p)``) whose centre no point of
+    the init batch (``value``, ``(n, ...)`` broadcasting to ``(n, *event)``) has as its
+    nearest: started there, a component explains no data, and EM does not revive it.
+    Components that start at one centre share its points (other roles, such as their
+    scales, tell them apart)."""
+    n = value.shape[0]
+    if n < MIN_POINTS_PER_COMPONENT * len(centers):  # too few to tell
+        return []
+    pts = np.broadcast_to(value, (n,) + tuple(event)).reshape(n, -1).astype(np.float64)
+    distinct, which = np.unique(centers.astype(np.float64), axis=0, return_inverse=True)
+    mean = pts.mean(axis=0)  # distances about the points' mean: no cancellation
+    with np.errstate(all="ignore"):
+        d2 = _sq_distances(pts - mean, distinct - mean)
+    if not np.all(np.isfinite(d2)):
+        return []
+    counts = np.bincount(np.argmin(d2, -1), minlength=len(distinct))
+    return [int(i) for i in np.flatnonzero(counts[np.ravel(which)] == 0)]
+
+
+def _warn_without_data(pname: str, empty: list, source: str) -> None:
+    if empty:
+        warnings.warn(
+            f"OnlineEM.init: the initial value of '{pname}' ({source}) leaves component(s) "
+            f"{empty} with no point of the init batch nearest to them: started there, they "
+            "explain no data and EM will not move them (their weights go to zero). Start "
+            "from the data: OnlineEM(..., init='kmeans++'), or give init_params near the "
+            "data.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _orders_components(constraint, block_map: np.ndarray, shape: tuple) -> bool:
     """Whether ``constraint`` orders the components: an ordered vector whose last axis
     runs over the components (``block_map`` gives the block of component ``k``)."""
@@ -225,8 +272,6 @@ def data_driven_init(
         For each location-like site, where its initial value came from.
     """
     params, report = dict(params), {}
-    if mode == "model":
-        return params, report
     rng = host_rng(rng_key)
     for sp in plan.sites + plan.center_sites:
         fam = sp.family
@@ -234,22 +279,24 @@ def data_driven_init(
             pname = sp.learned.get(role)
             if pname is None:
                 continue
-            if pname in user_set:
+            given = pname in user_set
+            if given:
                 report[pname] = "given in init_params"
-                continue
             site = trace[sp.site]
             grid, _ = site_grid(site)
             left = grid[: sp.data_axis]
             enum_axes = [i for i, s in enumerate(left) if s > 1]
             bm = sp.block_maps[role]
             if len(enum_axes) != 1:
-                report[pname] = "from the model (not indexed by exactly one enumerated latent)"
+                if not given:
+                    report[pname] = "from the model (not indexed by exactly one enumerated latent)"
                 continue
             axis = enum_axes[0]
             k = left[axis]
             bm_k = np.moveaxis(bm, axis, 0).reshape((k,) + bm.shape[len(left) :])
             if len(np.unique(bm_k)) != bm_k.size:
-                report[pname] = "from the model (tied across components)"
+                if not given:
+                    report[pname] = "from the model (tied across components)"
                 continue
             site_info = plan.model_sites.params[pname]
             shape = site_info.shape
@@ -258,14 +305,6 @@ def data_driven_init(
             blocks = np.array(params[pname]).reshape((-1,) + event)
             current = blocks[bm_k]
             ordered = _orders_components(site_info.constraint, bm_k, shape)
-            # an ordered site cannot start with equal values: distinct ones are no sign
-            # of a choice
-            deliberate = (
-                site_info.kind == "param" and not ordered and not np.all(current == current[:1])
-            )
-            if mode == "auto" and deliberate:
-                report[pname] = "from the model (it differs across components)"
-                continue
             right_event = tuple(bm_k.shape[1:]) + event
             value = np.asarray(site["value"])  # on the host: nothing to compile
             value = value.reshape(
@@ -274,9 +313,22 @@ def data_driven_init(
             value = np.moveaxis(value, sp.data_axis, 0)
             npts = value.shape[0]
             if any(s != 1 for s in value.shape[1 : 1 + len(left)]):
-                report[pname] = "from the model (the data vary along enumerated dimensions)"
+                if not given:
+                    report[pname] = "from the model (the data vary along enumerated dimensions)"
                 continue
             value = value.reshape((npts,) + value.shape[1 + len(left) :])
+            empty = _without_data(current.reshape(k, -1), value, right_event)
+            if given or mode == "model":
+                _warn_without_data(pname, empty, "given in init_params" if given else "the model's")
+                continue
+            # an ordered site cannot start with equal values: distinct ones are no sign
+            # of a choice
+            deliberate = (
+                site_info.kind == "param" and not ordered and not np.all(current == current[:1])
+            )
+            if mode == "auto" and deliberate and not empty:
+                report[pname] = "from the model (it differs across components)"
+                continue
             if npts < k:
                 raise ValueError(
                     f"OnlineEM.init: the init batch has {npts} point(s), too few to place "
@@ -290,6 +342,11 @@ def data_driven_init(
             centers = _kmeans(rng, pts, k, 50, init_restarts(npts, k, pts.shape[1]))
             centers = np.asarray(fam.from_centers(role, centers, options))
             how = f"from k-means++ over {npts} points of the init batch"
+            if mode == "auto" and deliberate:
+                how += (
+                    f" (the model's values differ across components, but no point of it "
+                    f"was nearest to component(s) {empty}: they would have had no data)"
+                )
             if ordered:
                 centers = centers[np.argsort(centers[:, 0])]
             else:

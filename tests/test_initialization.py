@@ -158,3 +158,47 @@ def test_fixed_unequal_weights_get_the_clusters_of_their_size(rng, seed):
     ref = GaussianMixture(3, random_state=0).fit(x[:, None])
     ours = float(em.log_likelihood(result.state, x).mean())
     assert ours > ref.score(x[:, None]) - 0.005
+
+
+def _linspace_locations(x, K=3):
+    """A mixture whose locations start at ``linspace(-1, 1)``: distinct, so they read
+    as chosen, and far from data at an offset."""
+    weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+    start = jnp.linspace(-1.0, 1.0, K)[:, None] * jnp.ones(x.shape[-1])
+    locs = numpyro.param("locs", start)
+    scales = numpyro.param("scales", jnp.ones((K, x.shape[-1])), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("obs", dist.Normal(locs[z], scales[z]).to_event(1), obs=x)
+
+
+def test_chosen_locations_that_leave_components_without_data_are_replaced(rng):
+    # at an offset of 1,000 every point is nearest to the last start: the other two
+    # components would explain nothing and die (held-out 5+ nats/point short)
+    x, _ = _blobs(rng, 12_000)
+    x = x + 1000.0
+    train, test = x[:10_000], x[10_000:]
+    ref = GaussianMixture(3, covariance_type="diag", n_init=3, random_state=0)
+    score = ref.fit(train.astype(np.float64)).score(test.astype(np.float64))
+    em = OnlineEM(_linspace_locations)
+    result = em.run(jax.random.PRNGKey(0), train, batch_size=100, progress_bar=False)
+    assert (
+        "no point of it was nearest to component(s) [0, 1]" in em.mstep_paths(result.state)["locs"]
+    )
+    assert float(em.log_likelihood(result.state, test).mean()) > score - 0.02
+    # where the same values give every component data, they are kept as chosen
+    start = np.linspace(-1, 1, 3)[:, None] * np.ones(2)
+    near = (start[rng.integers(0, 3, 600)] + 0.3 * rng.normal(size=(600, 2))).astype(np.float32)
+    state = OnlineEM(_linspace_locations).init(jax.random.PRNGKey(0), near)
+    np.testing.assert_array_equal(state.params["locs"], start)
+
+
+@pytest.mark.parametrize("mode", ["auto", "kmeans++"])
+def test_given_locations_that_leave_components_without_data_are_kept_with_a_warning(rng, mode):
+    x, _ = _blobs(rng)
+    given = {"locs": np.array([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]])}
+    with pytest.warns(RuntimeWarning, match=r"'locs'.*component\(s\) \[0, 1\] with no point"):
+        state = OnlineEM(_linspace_locations, init=mode).init(
+            jax.random.PRNGKey(0), x + 1000.0, init_params=given
+        )
+    np.testing.assert_array_equal(state.params["locs"], given["locs"])

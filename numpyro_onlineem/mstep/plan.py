@@ -388,6 +388,10 @@ def recognise(
                 raise UnsupportedModelError(e.reason) from None
             numerical = numerical | {e.site}
             continue
+        joining = _joining_numerical(found, probes, numerical) - closed_form
+        if joining:
+            numerical = numerical | joining
+            continue
         numerical = tuple(name for name in sites.params if name in numerical)
         return found._replace(
             fixed=tuple(name for name in sites.params if name in fixed),
@@ -395,6 +399,25 @@ def recognise(
             center_sites=_center_sites(probes, sites, numerical),
             input_spec=describe_inputs(args, kwargs, {n: probes.tr_id[n] for n in sites.observed}),
         )
+
+
+def _joining_numerical(found: Recognition, probes: _Probes, numerical: frozenset) -> frozenset:
+    """The closed-form sites that share a local site with a numerical one: they join
+    its numerical M step. Alone, each would be a conditional maximisation given the
+    other's current value (ECM), and online the two move at different speeds: a
+    closed-form scale jumps to the residuals about a numerical location that has moved
+    only a step toward its optimum, and a mixture whose scales all swell merges its
+    components (measured: a mixture of two regressions with shared coefficients ended
+    0.28 nats/point short of the MLE that way, 0.0001 with the scales numerical too).
+    A location role (the family's ``center_roles``) keeps its closed form: a weighted
+    mean, whatever the scales."""
+    joining = set()
+    for sp in found.site_plans:
+        if any(any(site == sp.site for site, _ in probes.deps[n]) for n in numerical):
+            # a location is a weighted mean whatever the other roles' values (up to
+            # the weight of a prior): it keeps its closed form
+            joining.update(n for r, n in sp.learned.items() if r not in sp.family.center_roles)
+    return frozenset(joining) - numerical
 
 
 def _center_sites(probes: _Probes, sites: ModelSites, numerical: tuple) -> tuple:
@@ -966,6 +989,8 @@ def _decode(arr_id, arr_a, grid, role_event, base, ids, rand_a, reparam=None):
         atol = 2e-2  # the map and its inverse round twice in float32
     r = np.rint(a)
     if not np.all(np.isfinite(a)) or not np.allclose(a, r, rtol=0, atol=atol):
+        return None
+    if np.abs(r).max(initial=0.0) >= 2.0**53:  # no index: and no int64 for it either
         return None
     idx = r.astype(np.int64) - base
     if idx.min() < 0 or idx.max() >= ids.size:
