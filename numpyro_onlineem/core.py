@@ -238,6 +238,7 @@ def init_state(
         shifts=batch.estep.shifts,
         averaged=params,
         averaged_residual=jax.tree.map(jnp.zeros_like, params),
+        polyak_from=jnp.asarray(-1.0, jnp.result_type(float)),
         count=jnp.zeros((), jnp.int32),
         num_seen=jnp.asarray(batch.estep.batch_size, jnp.result_type(float)),
         weight_sq=jnp.asarray(1.0 / batch.estep.batch_size, jnp.result_type(float)),
@@ -343,7 +344,20 @@ def update(
         start = config.polyak_start
         if start is None:
             start = default_polyak_start(config.step_points, burn_in)
-        weight = jnp.where(seen > start, batch_size / jnp.maximum(seen - start, 1.0), 1.0)
+        settled = jnp.asarray(True)
+        for m in plan.msteps:
+            if hasattr(m, "settled"):
+                settled = settled & m.settled(mstep_states[m.name])
+        begins = (state.polyak_from < 0) & (seen > start) & settled & apply
+        # from the start itself when the M steps are settled by then (the first
+        # update past it may straddle it), else from this update on
+        opening = jnp.maximum(state.num_seen, jnp.asarray(start, dtype))
+        polyak_from = jnp.where(begins, opening, state.polyak_from).astype(dtype)
+        weight = jnp.where(
+            (polyak_from >= 0) & (seen > polyak_from),
+            batch_size / jnp.maximum(seen - polyak_from, 1.0),
+            1.0,
+        )
         weight = jnp.minimum(weight, 1.0)
 
         def average(a, c, p):
@@ -358,6 +372,7 @@ def update(
         averaged = {**averaged, **{n: params[n] for n in plan.unaveraged}}
     else:
         averaged, residual = params, state.averaged_residual
+        polyak_from = state.polyak_from
     new_state = OnlineEMState(
         params=params,
         stats=stats,
@@ -365,6 +380,7 @@ def update(
         shifts=state.shifts,
         averaged=averaged,
         averaged_residual=residual,
+        polyak_from=polyak_from,
         count=state.count + finite.astype(state.count.dtype),
         num_seen=jnp.where(finite, seen, state.num_seen),
         weight_sq=weight_sq,

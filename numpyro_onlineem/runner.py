@@ -328,7 +328,8 @@ class _Runner:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        _warn_if_never_updated(self.em, state)
+        if not _warn_if_never_updated(self.em, state):
+            _warn_if_unsettled(state)
         return OnlineEMRunResult(self.em.get_params(state), state, losses)
 
 
@@ -370,7 +371,7 @@ def _warn_if_never_updated(em, state) -> None:
     burn_in = state.plan.default_burn_in if burn_in is None else burn_in
     seen, count = float(state.num_seen), int(state.count)
     if count > 0 and seen > burn_in:
-        return
+        return False
     why = (
         "no update followed init"
         if count == 0
@@ -380,6 +381,31 @@ def _warn_if_never_updated(em, state) -> None:
         f"OnlineEM.run: {seen:g} points seen and {why}, so no M step has run: the estimates "
         "are still the initial values. Pass more points, fewer to init (init_points=...), "
         "or a shorter burn-in (OnlineEM(..., burn_in=...)).",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return True
+
+
+def _warn_if_unsettled(state) -> None:
+    """Warn when a numerical M step ends the stream still in its transient
+    (`numpyro_onlineem.mstep.numerical.SETTLED_RATIO`): its estimates are still moving
+    toward the optimum, by more than their noise."""
+    moving = [
+        m
+        for m in state.plan.msteps
+        if hasattr(m, "settled") and not bool(m.settled(state.mstep_states[m.name]))
+    ]
+    if not moving:
+        return
+    sites = sorted(n for m in moving for n in m.sites)
+    ratio = max(float(state.mstep_states[m.name].ratio) for m in moving)
+    warnings.warn(
+        f"OnlineEM.run: the numerical M step of {sites} has not settled: its last Newton "
+        f"step would still raise the batch's log-likelihood by {ratio:.3g} times its noise "
+        "level, so these estimates are still moving toward the optimum (and are not "
+        "Polyak-averaged yet). Pass more data, or the same data again "
+        "(em.run(key, x, init_state=result.state)).",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -38,6 +38,11 @@ class OnlineEMState(NamedTuple):
         The low-order part of ``averaged`` lost to rounding (Kahan's compensation,
         `numpyro_onlineem.core.compensated_add`): float32 increments of an average far
         from the origin would otherwise be lost.
+    polyak_from : Array, float, shape ()
+        ``num_seen`` when the Polyak average began (``-1`` before: every leaf of the
+        state stays finite): after the average's
+        start (``polyak_start``), at the first update whose M steps have all settled
+        (`MStep.settled`).
     count : Array, int32, shape ()
         Number of updates applied.
     num_seen : Array, float, shape ()
@@ -59,6 +64,7 @@ class OnlineEMState(NamedTuple):
     shifts: dict
     averaged: dict
     averaged_residual: dict
+    polyak_from: jax.Array
     count: jax.Array
     num_seen: jax.Array
     weight_sq: jax.Array

@@ -68,10 +68,15 @@ from numpyro.distributions.transforms import IdentityTransform, biject_to
 
 from numpyro_onlineem.mstep.base import EStepBatch, MStepContext
 
-NEWTON_MAX_DIM = 128
+NEWTON_MAX_DIM = 256
 """Largest number of unconstrained values a group of numerical sites may have for the
 default method to be ``"newton"``: its information matrix is ``p x p``, formed from
-``p`` Hessian-vector products and eigen-decomposed at every update."""
+``p`` Hessian-vector products and eigen-decomposed at every update. Measured on a
+mixture of two logistic regressions, batches of 256, two CPU cores: 2.7 ms per update
+at p = 80, 5.7 at 128, 19 at 256, 69 at 512. Above it, one Adam step per update costs
+well under a millisecond but converges far more slowly: one pass of 40,000 points of a
+mixture of two Poisson regressions in 70 dimensions (140 values) ended 2.2 nats/point
+short of the MLE with Adam and 0.02 short with Newton."""
 
 MAX_STEP = 2.0
 """Largest change in one update of an unconstrained value behind a nonlinear transform
@@ -79,6 +84,41 @@ MAX_STEP = 2.0
 
 EIGEN_FLOOR = 1e-6
 """Smallest eigenvalue of the information, relative to the largest."""
+
+SETTLED_RATIO = 4.0
+r"""A Newton group has settled when its Newton decrement per datum, $g^\top |\hat H|^{-1}
+g$, is at most this many times its noise level $p / B$ at the optimum (the batch's
+score has covariance $I / B$ there, in the information's metric). Before that its
+iterates are still in their transient, and a Polyak average over them would keep it:
+on a mixture of two Poisson regressions in 60 dimensions (120 values) the decrement
+fell from 400 times its noise level to about 1 over the first 20,000 points, and an
+average started after 5,120 ended one pass 0.16 nats/point short where the last
+iterate was 0.004 short."""
+
+
+RATIO_MEMORY = 10.0
+"""Updates over which `NewtonState.ratio` is a geometric running mean: one batch with
+an outlying point (a decrement 20 times the others', seen on a logistic mixture) does
+not unsettle a group, and a single low draw in a transient does not settle it."""
+
+
+class NewtonState(NamedTuple):
+    """The ``"newton"`` method's state: the geometric running mean of its Newton
+    decrement over its noise level, over about `RATIO_MEMORY` updates (``-1`` before
+    the first M step), see `SETTLED_RATIO`."""
+
+    ratio: jax.Array
+
+
+def _smoothed(previous: jax.Array, ratio: jax.Array) -> jax.Array:
+    """`NewtonState.ratio` after one more update's ``ratio``: an exponential moving
+    average of its logarithm (the first finite value as it is)."""
+    tiny = jnp.finfo(previous.dtype).tiny
+    log_new = jnp.log(jnp.maximum(ratio, tiny)).astype(previous.dtype)
+    log_prev = jnp.log(jnp.maximum(previous, tiny))
+    first = previous < 0
+    mean = jnp.where(first, log_new, log_prev + (log_new - log_prev) / RATIO_MEMORY)
+    return jnp.where(jnp.isfinite(mean), jnp.exp(mean), previous)
 
 
 def default_optimizer() -> optax.GradientTransformation:
@@ -161,7 +201,7 @@ class Numerical(NamedTuple):
 
     def init(self, params: dict) -> Any:
         if self.method == "newton":
-            return ()
+            return NewtonState(jnp.asarray(-1.0, jnp.result_type(float)))
         flat, _ = ravel_pytree(self._unconstrained(params))
         return self._optimizer().init(flat)
 
@@ -183,7 +223,12 @@ class Numerical(NamedTuple):
         objective = self._objective(context.batch, params, unravel)
         value, grad = jax.value_and_grad(objective)(flat)
         if self.method == "newton":
-            step = context.step_size.astype(flat.dtype) * newton_direction(stats["info"], grad)
+            direction = newton_direction(stats["info"], grad)
+            noise = flat.size / context.batch.batch_size
+            mstep_state = NewtonState(
+                _smoothed(mstep_state.ratio, jnp.vdot(grad, direction) / noise)
+            )
+            step = context.step_size.astype(flat.dtype) * direction
         else:
             optimizer = self._optimizer()
             decay = context.decay.astype(flat.dtype)
@@ -205,6 +250,13 @@ class Numerical(NamedTuple):
         step = cap_step(step, mask)
         new = flat + ascent(objective, flat, value, grad, step)
         return self._constrained(params, unravel(new)), mstep_state
+
+    def settled(self, mstep_state: Any) -> jax.Array:
+        """Whether its iterates have left their transient (`SETTLED_RATIO`; always, for
+        the ``"optax"`` method), bool, shape ()."""
+        if self.method != "newton":
+            return jnp.asarray(True)
+        return (mstep_state.ratio >= 0) & (mstep_state.ratio <= SETTLED_RATIO)
 
 
 def newton_direction(info: jax.Array, gradient: jax.Array) -> jax.Array:
