@@ -408,3 +408,32 @@ def test_vonmises_with_a_constant_loc_equals_numpy_em(rng, x64):
     params = em.get_params(state)
     np.testing.assert_allclose(params["weights"], w, rtol=1e-6)
     np.testing.assert_allclose(params["kappa"], k, rtol=1e-6)
+
+
+def test_beta_mixture_log_likelihood_of_many_points_equals_scipy(rng):
+    """20,000 points of a 3-component Beta mixture: a (3, 20000) grid. NumPyro's
+    ``Beta.log_prob`` there was miscompiled by XLA:CPU (jaxlib 0.10.2; 14.9 nats/point
+    against 0.18); the library writes the Beta density out."""
+
+    def model(x, K=3):
+        weights = numpyro.param("weights", jnp.ones(K) / K, constraint=constraints.simplex)
+        a = numpyro.param("a", jnp.array([1.0, 2.0, 3.0]), constraint=constraints.positive)
+        b = numpyro.param("b", jnp.array([3.0, 2.0, 1.0]), constraint=constraints.positive)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(weights))
+            numpyro.sample("obs", dist.Beta(a[z], b[z]), obs=x)
+
+    params = {
+        "weights": np.array([0.372, 0.447, 0.181]),
+        "a": np.array([1.430747, 14.674702, 1.8546219]),
+        "b": np.array([6.0231204, 14.863576, 0.5265]),
+    }
+    x = rng.uniform(0.01, 0.99, 20_000).astype(np.float32)
+    em = OnlineEM(model, init="model")
+    state = em.init(jax.random.PRNGKey(0), x[:500], init_params=params)
+    ours = np.asarray(em.log_likelihood(state, x))
+    dens = sum(
+        w * stats.beta.pdf(x.astype(np.float64), a, b)
+        for w, a, b in zip(params["weights"], params["a"], params["b"], strict=True)
+    )
+    np.testing.assert_allclose(ours, np.log(dens), rtol=1e-4, atol=1e-4)

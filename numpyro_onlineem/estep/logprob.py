@@ -17,8 +17,9 @@ tensor. This is how hand-written mixture code computes its densities (scikit-lea
 
 Only sites with reinterpreted dimensions (``to_event``) of a family that gives a
 ``linear_form`` take this path, and ``MultivariateNormal`` sites of up to
-``WHITEN_MAX_DIM`` dimensions (through their whitening matrices); every other site uses
-the distribution's own ``log_prob``. The Gaussian forms are written about a centre:
+``WHITEN_MAX_DIM`` dimensions (through their whitening matrices); ``Beta`` sites are
+written out (`beta_log_prob`); every other site uses the distribution's own
+``log_prob``. The Gaussian forms are written about a centre:
 the reference point of the statistics when the caller gives one, else the mean
 location over components, so that float32 cancellation stays at the scale of the
 spread of the data, not of its distance from the origin.
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+from jax.scipy.special import betaln, xlogy
 
 from numpyro_onlineem.families import find_family, unwrap
 
@@ -126,7 +128,26 @@ def fast_log_prob(
         if base.event_shape[-1] > WHITEN_MAX_DIM:
             return None
         return whitened_log_prob(fn, base, value, center)
+    if type(base) is dist.Beta and _only_expanded(fn):
+        return jnp.broadcast_to(beta_log_prob(base, value), fn.batch_shape)
     return linear_log_prob(fn, value, center)
+
+
+def _only_expanded(fn: dist.Distribution) -> bool:
+    """Whether ``fn`` is its base distribution, or that expanded (no mask, no event)."""
+    while isinstance(fn, dist.ExpandedDistribution):
+        fn = fn.base_dist
+    return type(fn) is dist.Beta
+
+
+def beta_log_prob(base: dist.Beta, value: jax.Array) -> jax.Array:
+    r"""$(a - 1) \log x + (b - 1) \log(1 - x) - \log B(a, b)$, what ``Beta.log_prob``
+    gives, written out: NumPyro's (through ``Dirichlet.log_prob`` of the stacked
+    ``[x, 1 - x]``) was miscompiled by XLA:CPU (jaxlib 0.10.2) on a ``(K, batch)`` grid
+    of more than 32,768 elements, silently: a 3-component Beta mixture's
+    log-likelihood of 20,000 points averaged 14.9 nats/point against the true 0.18."""
+    a, b = base.concentration1, base.concentration0
+    return xlogy(a - 1.0, value) + xlogy(b - 1.0, 1.0 - value) - betaln(a, b)
 
 
 def whitened_log_prob(
