@@ -570,12 +570,12 @@ def _update(config, state, arrays, static):
     return core.update(config, state, args, kwargs)
 
 
-def _scan(config, state, arrays, static, length):
-    """`_update` over stacked batches, the first ``length`` of them (a traced count): the
-    rest are padding, never computed (a loop of ``length`` steps, as ``lax.scan``
-    lowers to), so that a shorter call shares the full chunk's compiled program and
-    costs its own batches only. Returns the state and the stacked infos (zeros past
-    ``length``)."""
+def _scan(config, state, arrays, static, length, skip):
+    """`_update` over stacked batches ``skip`` to ``skip + length`` (traced counts): the
+    others are padding or were applied already, and are never computed (a loop of
+    ``length`` steps, as ``lax.scan`` lowers to), so that a shorter call shares the full
+    chunk's compiled program and costs its own batches only. Returns the state and the
+    stacked infos (zeros elsewhere)."""
     num = jax.tree.leaves(arrays)[0].shape[0]
     infos = UpdateInfo.zeros((num,), state.num_seen.dtype)  # (no second trace of the update)
 
@@ -586,7 +586,7 @@ def _scan(config, state, arrays, static, length):
         put = lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v.astype(o.dtype), i, 0)
         return s, jax.tree.map(put, out, one)
 
-    return jax.lax.fori_loop(0, jnp.minimum(length, num), body, (state, infos))
+    return jax.lax.fori_loop(skip, jnp.minimum(skip + length, num), body, (state, infos))
 
 
 def _loglik(config, state, arrays, static):

@@ -253,33 +253,38 @@ class _Runner:
             _, static = split_args(args, kwargs)
             arrays = split_args(*with_extra(((data,), {}), self.extra))[0]
             self.checked = last = (data.shape[1:], data.dtype, static, arrays[1:])
-        return self._chunk(state, [data, *last[3]], last[2], int(data.shape[0]))
+        skip = item.skip
+        return self._chunk(state, [data, *last[3]], last[2], int(data.shape[0]) - skip, skip)
 
     def _flush(self, state, buffer):
         static = buffer[0][1]
         stacked = [_stack(column) for column in zip(*(b[0] for b in buffer), strict=True)]
         return self._chunk(state, stacked, static, len(buffer))
 
-    def _chunk(self, state, stacked, static, length):
-        """``length`` stacked batches in one fused call of the current chunk length.
+    def _chunk(self, state, stacked, static, length, skip=0):
+        """``length`` stacked batches in one fused call of the current chunk length,
+        from batch ``skip`` of the stack on (the last chunk of an array: a full window
+        whose first ``skip`` batches were applied already, see `Chunk`).
 
-        A shorter final chunk is padded (with zeros) to the chunk length, so that it
-        needs no compile of its own; the fused call passes over the padding without
-        computing it (`numpyro_onlineem.api._scan`). Padding is used when it costs at
-        most `PAD_POINTS` points' copies (or as many as the chunk holds); otherwise the
-        chunk runs one update at a time."""
+        A shorter chunk (the last of a generator's batches, or of an array shorter than
+        a chunk) is padded (with zeros) to the chunk length, so that it needs no compile
+        of its own; the fused call passes over the padding without computing it
+        (`numpyro_onlineem.api._scan`). Padding is used when it costs at most
+        `PAD_POINTS` points' copies (or as many as the chunk holds); otherwise the chunk
+        runs one update at a time."""
         points = _batch_points(stacked[0], 1)
-        if length < self.length:
+        if skip + length < self.length:
             wasted = (self.length - length) * points
             if wasted > max(length * points, self.PAD_POINTS):
                 return self._singles(state, stacked, static, length)
             padded = [_pad(a, self.length) for a in stacked]
-            new, infos = self.em._scan_jit(state, padded, static, np.int32(length))
-            self._record(infos, length * points, length)
+            new, infos = self.em._scan_jit(state, padded, static, np.int32(length), np.int32(0))
+            self._record(infos, length * points, slice(0, length))
             return new
         start = time.perf_counter()
-        state, infos = self.em._scan_jit(state, stacked, static, np.int32(length))
-        self._record(infos, length * points, length)
+        count = (np.int32(length), np.int32(skip))
+        state, infos = self.em._scan_jit(state, stacked, static, *count)
+        self._record(infos, length * points, slice(skip, skip + length))
         elapsed = time.perf_counter() - start
         if self.length in self.timed and elapsed > self.SLOW_CHUNK_SECONDS and self.length > 1:
             # a fused call this slow would leave the progress bar still: shorter ones
@@ -295,24 +300,23 @@ class _Runner:
 
     def _single(self, state, arrays, static):
         state, info = self.em._update_jit(state, arrays, static)
-        self._record(info, _batch_points(arrays[0], 0), None)
+        self._record(info, _batch_points(arrays[0], 0), slice(None))
         return state
 
-    def _record(self, infos, points: int, length: int | None) -> None:
-        """Keep a fused call's (its first ``length`` updates) or an update's info (on the
-        device: read at the end)."""
-        self.infos.append((infos, length))
+    def _record(self, infos, points: int, updates: slice) -> None:
+        """Keep a fused call's (its ``updates``) or an update's info (``slice(None)``;
+        on the device: read at the end)."""
+        self.infos.append((infos, updates))
         if self.bar is not None:
             self.bar.update(points)
-            loss = np.asarray(infos.loss)
-            loss = loss[:length] if length is not None else loss
+            loss = np.atleast_1d(np.asarray(infos.loss))[updates]
             self.bar.set_postfix(loss=f"{float(np.nanmean(loss)):.4f}", refresh=False)
 
     def result(self, state) -> OnlineEMRunResult:
         # every call's diagnostics to the host at once (one transfer each, overlapped)
         fields = [(i.loss, i.nonfinite, i.out_of_support) for i, _ in self.infos]
         fields = jax.device_get(fields)
-        cut = lambda x, n: np.atleast_1d(x)[:n]  # n=None: all
+        cut = lambda x, updates: np.atleast_1d(x)[updates]
         pieces = [
             (cut(f[0], n), cut(f[1] | f[2], n))
             for f, (_, n) in zip(fields, self.infos, strict=True)
@@ -364,9 +368,10 @@ def _cut_columns(columns: tuple, batch_size: int):
     return (tuple(a[i : i + batch_size] for a in columns) for i in range(0, lengths[0], batch_size))
 
 
-def _warn_if_never_updated(em, state) -> None:
+def _warn_if_never_updated(em, state) -> bool:
     """Warn when no M step has moved the parameters: the stream ended with `init`, or
-    within the burn-in, and the estimates are still the initial values."""
+    within the burn-in, and the estimates are still the initial values. Returns whether
+    it warned."""
     burn_in = em.config.burn_in
     burn_in = state.plan.default_burn_in if burn_in is None else burn_in
     seen, count = float(state.num_seen), int(state.count)
@@ -400,20 +405,15 @@ def _warn_if_unsettled(state) -> None:
         return
     sites = sorted(n for m in moving for n in m.sites)
     ratio = max(float(state.mstep_states[m.name].ratio) for m in moving)
+    unaveraged = " (and are not Polyak-averaged yet)" if float(state.polyak_from) < 0 else ""
     warnings.warn(
-        f"OnlineEM.run: the numerical M step of {sites} has not settled: its last Newton "
-        f"step would still raise the batch's log-likelihood by {ratio:.3g} times its noise "
-        "level, so these estimates are still moving toward the optimum (and are not "
-        "Polyak-averaged yet). Pass more data, or the same data again "
-        "(em.run(key, x, init_state=result.state)).",
+        f"OnlineEM.run: the numerical M step of {sites} has not settled: its Newton steps "
+        f"would still raise the batch's log-likelihood by {ratio:.3g} times their noise "
+        f"level, so these estimates are still moving toward the optimum{unaveraged}. Pass "
+        "more data, or the same data again (em.run(key, x, init_state=result.state)).",
         RuntimeWarning,
         stacklevel=4,
     )
-
-
-def _skipped(infos) -> np.ndarray:
-    """Which updates were skipped (non-finite or out-of-support values), on the host."""
-    return np.asarray(infos.nonfinite) | np.asarray(infos.out_of_support)
 
 
 def _single_point_to_batch(spec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

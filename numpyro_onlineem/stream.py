@@ -124,9 +124,12 @@ def concat_calls(calls: list) -> tuple[tuple, dict]:
 
 class Chunk(NamedTuple):
     """Equal batches of an array stream, stacked: ``data`` has shape
-    ``(num_batches, batch_size, ...)``."""
+    ``(num_batches, batch_size, ...)``; its first ``skip`` batches were applied already
+    (the last chunk of an array is a full chunk's window that ends at the array's end,
+    so that it shares the full chunks' compiled program with no padding)."""
 
     data: Any
+    skip: int = 0
 
 
 def array_chunks(data: Any, batch_size: int, chunk_len) -> Iterator:
@@ -138,8 +141,12 @@ def array_chunks(data: Any, batch_size: int, chunk_len) -> Iterator:
     full = data[: num * batch_size].reshape((num, batch_size) + data.shape[1:])
     start = 0
     while start < num:
-        stop = min(start + chunk_len(), num)
-        yield Chunk(full[start:stop])
+        size = chunk_len()
+        stop = min(start + size, num)
+        if stop - start < size <= num:  # a full-sized window ending at the last batch
+            yield Chunk(full[num - size : num], skip=size - (stop - start))
+        else:
+            yield Chunk(full[start:stop])
         start = stop
     if num * batch_size < n:
         yield data[num * batch_size :]

@@ -262,18 +262,22 @@ def test_padding_is_never_computed_even_where_a_model_would_fit_it(rng):
 
     x = _blobs(rng, 2350)
     em = OnlineEM(zero_blind, chunk_size=8)
-    with _Compiles() as counted:
-        result = em.run(
-            jax.random.PRNGKey(0), x, batch_size=100, init_points=250, progress_bar=False
-        )
-    assert "_scan" in counted.traces and "_update" not in counted.traces
-    state = em.init(jax.random.PRNGKey(0), x[:250])
-    for i in range(21):
-        state, _ = em.update(state, x[250 + 100 * i : 350 + 100 * i])
-    assert result.losses.shape == (21,)
-    assert float(result.state.num_seen) == 2350.0
-    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(state), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # 21 batches: two chunks, then a window of the last 8 whose first 3 are done; and
+    # 5 batches, fewer than a chunk: padded with zeros
+    for num_batches in (21, 5):
+        n = 250 + 100 * num_batches
+        with _Compiles() as counted:
+            result = em.run(
+                jax.random.PRNGKey(0), x[:n], batch_size=100, init_points=250, progress_bar=False
+            )
+        assert "_update" not in counted.traces
+        state = em.init(jax.random.PRNGKey(0), x[:250])
+        for i in range(num_batches):
+            state, _ = em.update(state, x[250 + 100 * i : 350 + 100 * i])
+        assert result.losses.shape == (num_batches,)
+        assert float(result.state.num_seen) == n
+        for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(state), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _fresh_mixture():
