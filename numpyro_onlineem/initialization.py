@@ -189,16 +189,22 @@ def _sq_distances(x: np.ndarray, centers: np.ndarray, x_sq: np.ndarray | None = 
     return x_sq[:, None] - 2.0 * x @ centers.T + np.sum(centers * centers, -1)[None]
 
 
+def _cluster_sizes(pts: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """How many of the points ``(n, p)`` have each of the centres ``(k, p)`` as their
+    nearest, ``(k,)``; distances about the points' mean (no cancellation)."""
+    pts = pts.astype(np.float64)
+    mean = pts.mean(axis=0)
+    d2 = _sq_distances(pts - mean, centers.astype(np.float64) - mean)
+    return np.bincount(np.argmin(d2, -1), minlength=len(centers))
+
+
 def _match_weights(centers: np.ndarray, pts: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Reorder k-means centres so that the component with the ``j``-th largest weight
     gets the ``j``-th largest cluster of the init batch: a fixed or given weight then
     describes a cluster of about its size (with the centres in k-means' own order, a
     fixed weight of 0.2 could sit on the cluster of half the data, a start that EM does
     not undo)."""
-    pts = pts.astype(np.float64)
-    mean = pts.mean(axis=0)  # distances about the points' mean: no cancellation
-    d2 = _sq_distances(pts - mean, centers.astype(np.float64) - mean)
-    sizes = np.bincount(np.argmin(d2, -1), minlength=len(centers))
+    sizes = _cluster_sizes(pts, centers)
     out = np.empty_like(centers)
     out[np.argsort(-weights, kind="stable")] = centers[np.argsort(-sizes, kind="stable")]
     return out
@@ -210,23 +216,17 @@ of weight ``1 / k`` is then nearest to none of ``10 k`` points with probability 
 most ``e**-10``."""
 
 
-def _without_data(centers: np.ndarray, value: np.ndarray, event: tuple) -> list:
+def _without_data(centers: np.ndarray, pts: np.ndarray) -> list:
     """The components (indices into ``centers``, ``(k, p)``) whose centre no point of
-    the init batch (``value``, ``(n, ...)`` broadcasting to ``(n, *event)``) has as its
-    nearest: started there, a component explains no data, and EM does not revive it.
-    Components that start at one centre share its points (other roles, such as their
-    scales, tell them apart)."""
-    n = value.shape[0]
-    if n < MIN_POINTS_PER_COMPONENT * len(centers):  # too few to tell
+    the init batch (``pts``, ``(n, p)``) has as its nearest: started there, a component
+    explains no data, and EM does not revive it. Components that start at one centre
+    share its points (other roles, such as their scales, tell them apart)."""
+    if len(pts) < MIN_POINTS_PER_COMPONENT * len(centers):  # too few to tell
         return []
-    pts = np.broadcast_to(value, (n,) + tuple(event)).reshape(n, -1).astype(np.float64)
+    if not (np.all(np.isfinite(pts)) and np.all(np.isfinite(centers))):
+        return []
     distinct, which = np.unique(centers.astype(np.float64), axis=0, return_inverse=True)
-    mean = pts.mean(axis=0)  # distances about the points' mean: no cancellation
-    with np.errstate(all="ignore"):
-        d2 = _sq_distances(pts - mean, distinct - mean)
-    if not np.all(np.isfinite(d2)):
-        return []
-    counts = np.bincount(np.argmin(d2, -1), minlength=len(distinct))
+    counts = _cluster_sizes(pts, distinct)
     return [int(i) for i in np.flatnonzero(counts[np.ravel(which)] == 0)]
 
 
@@ -317,7 +317,9 @@ def data_driven_init(
                     report[pname] = "from the model (the data vary along enumerated dimensions)"
                 continue
             value = value.reshape((npts,) + value.shape[1 + len(left) :])
-            empty = _without_data(current.reshape(k, -1), value, right_event)
+            pts = np.broadcast_to(value, (npts,) + right_event)
+            pts = pts.reshape((npts, -1)).astype(blocks.dtype)
+            empty = _without_data(current.reshape(k, -1), pts)
             if given or mode == "model":
                 _warn_without_data(pname, empty, "given in init_params" if given else "the model's")
                 continue
@@ -337,8 +339,6 @@ def data_driven_init(
                     "buffers single points for it), give init_params={"
                     f"'{pname}': ...}}, or use OnlineEM(..., init='model')."
                 )
-            pts = np.broadcast_to(np.asarray(value), (npts,) + right_event)
-            pts = pts.reshape((npts, -1)).astype(blocks.dtype)
             centers = _kmeans(rng, pts, k, 50, init_restarts(npts, k, pts.shape[1]))
             centers = np.asarray(fam.from_centers(role, centers, options))
             how = f"from k-means++ over {npts} points of the init batch"
