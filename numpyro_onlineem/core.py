@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
@@ -344,10 +345,7 @@ def update(
         start = config.polyak_start
         if start is None:
             start = default_polyak_start(config.step_points, burn_in)
-        settled = jnp.asarray(True)
-        for m in plan.msteps:
-            if hasattr(m, "settled"):
-                settled = settled & m.settled(mstep_states[m.name])
+        settled = functools.reduce(operator.and_, settled_flags(plan, mstep_states).values(), True)
         begins = (state.polyak_from < 0) & (seen > start) & settled & apply
         # from the start itself when the M steps are settled by then (the first
         # update past it may straddle it), else from this update on
@@ -396,6 +394,13 @@ def update(
         num_points=jnp.asarray(batch_size, dtype),
     )
     return new_state, info
+
+
+def settled_flags(plan: Plan, mstep_states: dict) -> dict:
+    """``{M step name: settled}`` (bool arrays, shape ()) of the M steps that report
+    whether their iterates have left their transient (`MStep.settled`, the numerical
+    Newton steps'); the Polyak average waits for all of them."""
+    return {m.name: m.settled(mstep_states[m.name]) for m in plan.msteps if hasattr(m, "settled")}
 
 
 def observed_in_support(trace, sites: ModelSites) -> jax.Array:

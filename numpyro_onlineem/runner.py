@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from numpyro_onlineem.core import settled_flags
 from numpyro_onlineem.state import OnlineEMRunResult, OnlineEMState
 from numpyro_onlineem.stream import (
     Chunk,
@@ -396,11 +397,8 @@ def _warn_if_unsettled(state) -> None:
     """Warn when a numerical M step ends the stream still in its transient
     (`numpyro_onlineem.mstep.numerical.SETTLED_RATIO`): its estimates are still moving
     toward the optimum, by more than their noise."""
-    moving = [
-        m
-        for m in state.plan.msteps
-        if hasattr(m, "settled") and not bool(m.settled(state.mstep_states[m.name]))
-    ]
+    flags = settled_flags(state.plan, state.mstep_states)
+    moving = [m for m in state.plan.msteps if m.name in flags and not bool(flags[m.name])]
     if not moving:
         return
     sites = sorted(n for m in moving for n in m.sites)

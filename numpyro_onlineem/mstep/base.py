@@ -112,7 +112,9 @@ class MStepContext(NamedTuple):
 
 
 class MStep(Protocol):
-    """An M step of some estimated sites (see the module docstring)."""
+    """An M step of some estimated sites (see the module docstring). It may also give
+    ``settled(mstep_state) -> bool array``: whether its iterates have left their
+    transient (the numerical Newton step's; `numpyro_onlineem.core.settled_flags`)."""
 
     @property
     def name(self) -> str:
