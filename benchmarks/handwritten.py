@@ -31,10 +31,16 @@ class JaxEMState(NamedTuple):
     params : dict
         ``weights (K,)``, ``locs (K, D)``, ``scales (K, D)`` or ``covs (K, D, D)``.
     averaged : dict
-        Polyak average of ``params`` (equal to them when averaging is off).
+        Polyak average: the M step of ``averaged_stats`` once averaging has begun
+        (equal to ``params`` before, and when averaging is off).
     stats : tuple
         Running per-point statistics ``n (K,)``, ``s1 (K, D)``, ``s2 (K, D)`` or
         ``(K, D, D)``.
+    averaged_stats : tuple
+        Running mean of the batches' statistics since the average began (as
+        OnlineEM's ``averaged_stats``).
+    averaged_points : Array, float32
+        Effective points behind ``averaged_stats``.
     seen : Array, float32
         Points seen (the init batch included).
     weight_sq : Array, float32
@@ -45,6 +51,8 @@ class JaxEMState(NamedTuple):
     params: dict
     averaged: dict
     stats: tuple
+    averaged_stats: tuple
+    averaged_points: jax.Array
     seen: jax.Array
     weight_sq: jax.Array
 
@@ -151,14 +159,14 @@ def jax_init(params, x0):
     params = {name: jnp.asarray(v) for name, v in params.items()}
     _, stats = jax_e_step(params, x0)
     n0 = jnp.float32(x0.shape[0])
-    return JaxEMState(params, params, stats, n0, 1.0 / n0)
+    return JaxEMState(params, params, stats, stats, jnp.float32(0.0), n0, 1.0 / n0)
 
 
 def jax_update(config, state, x):
     """One online EM update. Statistics move by ``gamma = (t + T0) ** -kappa``, ``t``
     the batches seen before (the init batch included), or by the exact running mean
     during burn-in; then the M step (skipped during burn-in) and the Polyak average,
-    each iterate weighted by its batch's points."""
+    the M step of the statistics' average."""
     loglik, batch = jax_e_step(state.params, x)
     b = x.shape[0]
     seen = state.seen + b
@@ -172,12 +180,23 @@ def jax_update(config, state, x):
     proposed = jax_m_step(state.params, stats, b, 1.0 / weight_sq, config.damping)
     params = jax.tree.map(lambda new, old: jnp.where(in_burn_in, old, new), proposed, state.params)
     if config.polyak_start is None:
-        averaged = params
+        averaged, avg_stats, points = params, state.averaged_stats, state.averaged_points
     else:
+        # the average of the batches' statistics since the start; its M step is the
+        # average once it rests on more points than the running statistics
         start = config.polyak_start
-        weight = jnp.minimum(jnp.where(seen > start, b / jnp.maximum(seen - start, 1.0), 1.0), 1)
-        averaged = jax.tree.map(lambda a, p: a + weight * (p - a), state.averaged, params)
-    return JaxEMState(params, averaged, stats, seen, weight_sq), -jnp.mean(loglik)
+        on = seen > start
+        points = jnp.where(on, jnp.where(state.seen > start, state.averaged_points, 0.0) + b, 0.0)
+        w = jnp.where(on, b / jnp.maximum(points, 1.0), 0.0)
+        avg_stats = jax.tree.map(lambda a, new: a + w * (new - a), state.averaged_stats, batch)
+        # damped toward the iterates' average, as OnlineEM's
+        weight = jnp.minimum(jnp.where(on, b / jnp.maximum(seen - start, 1.0), 1.0), 1)
+        iterates = jax.tree.map(lambda a, p: a + weight * (p - a), state.averaged, params)
+        from_stats = jax_m_step(iterates, avg_stats, b, points, config.damping)
+        use = on & (points * weight_sq >= 1.0)
+        averaged = jax.tree.map(lambda f, a: jnp.where(use, f, a), from_stats, iterates)
+    new = JaxEMState(params, averaged, stats, avg_stats, points, seen, weight_sq)
+    return new, -jnp.mean(loglik)
 
 
 def jax_scan(config, state, xs):

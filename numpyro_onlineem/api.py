@@ -88,12 +88,14 @@ class OnlineEM:
         states of an enumerated site, and at least ``8 K D`` for a ``D``-dimensional
         full covariance (see `Plan.default_burn_in`).
     polyak : bool, optional
-        Polyak–Ruppert averaging of the parameters (what `get_params` returns),
-        each iterate weighted by its batch's points, from ``polyak_start`` points on.
+        Polyak–Ruppert averaging (what `get_params` returns), from ``polyak_start``
+        points on: closed-form sites give the M step of their statistics' running mean
+        since the start, numerical ones the mean of their iterates, each weighted by
+        its batch's points (see `numpyro_onlineem.core.average_statistics`).
         Default: on with the default schedule when ``kappa=0.6``, off with ``kappa=1``
         (the statistics are already a running mean) and off with a user ``step_size``.
     polyak_start : float, optional
-        Points to see before the average starts. Default: ``20 * step_points`` (5,120
+        Points to see before the average starts. Default: ``5 * step_points`` (1,280
         points), and not before the burn-in ends.
     init : {"auto", "kmeans++", "model"}
         Data-driven initialisation of component locations; see

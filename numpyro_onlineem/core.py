@@ -64,10 +64,11 @@ class Config:
         Points to see before the first M step; until then statistics are the exact
         running mean of everything seen. ``None``: `Plan.default_burn_in`.
     polyak : bool or None
-        Polyak–Ruppert averaging of the parameters; ``None``: on with the default
+        Polyak–Ruppert averaging (`average_statistics`, and the iterates of numerical
+        M steps); ``None``: on with the default
         schedule when `Plan.default_polyak` says so, off with a user schedule.
     polyak_start : float or None
-        Points to see before the average starts; ``None``: ``20 * step_points``, and
+        Points to see before the average starts; ``None``: ``5 * step_points``, and
         not before the burn-in ends.
     damping : float or None
         Pseudo-points $\nu$ of the damped M step (`damped`); ``None``: the data
@@ -232,6 +233,7 @@ def init_state(
         rng_key, key = jax.random.split(rng_key)
         indices = random_indices(key)
     batch = batch_statistics(config, plan, params, None, args, kwargs, indices)
+    averaged_stats = {m.name: batch.stats[m.name] for m in plan.msteps if _averages_stats(m)}
     return OnlineEMState(
         params=params,
         stats=batch.stats,
@@ -239,6 +241,9 @@ def init_state(
         shifts=batch.estep.shifts,
         averaged=params,
         averaged_residual=jax.tree.map(jnp.zeros_like, params),
+        averaged_stats=averaged_stats,
+        averaged_stats_residual=jax.tree.map(jnp.zeros_like, averaged_stats),
+        averaged_points=jnp.zeros((), jnp.result_type(float)),
         polyak_from=jnp.asarray(-1.0, jnp.result_type(float)),
         count=jnp.zeros((), jnp.int32),
         num_seen=jnp.asarray(batch.estep.batch_size, jnp.result_type(float)),
@@ -260,6 +265,62 @@ def compensated_add(total: jax.Array, residual: jax.Array, increment: jax.Array)
     y = increment - residual
     new = total + y
     return new, (new - total) - y
+
+
+def _averages_stats(mstep) -> bool:
+    """Whether an M step's Polyak average is its M step of the averaged statistics
+    (`average_statistics`): one whose update is a function of its statistics alone."""
+    return bool(getattr(mstep, "averages_statistics", False))
+
+
+def average_statistics(
+    state: OnlineEMState,
+    batch: dict,
+    batch_size: int,
+    begins: jax.Array,
+    adds: jax.Array,
+) -> tuple[dict, dict, jax.Array]:
+    r"""The Polyak average of the statistics: the running mean of the batches'
+    statistics since the average began at $n_0$ points,
+
+    $$
+    \tilde s_n = \frac{\sum_{n_0 < k \le n} |B_k|\, \bar s(B_k; \theta_{k-1})}
+    {\sum_{n_0 < k \le n} |B_k|}.
+    $$
+
+    The iterates $\theta_k$ move with the fast steps $\gamma_k$ (they forget the start),
+    while $\tilde s$ weighs every point since the start alike, as batch EM does: the M
+    step of $\tilde s$ is the average's estimate (`update` uses it once $\tilde s$ rests
+    on more points than the running statistics $\hat s_n$, the iterates' average
+    before). Averaging the parameters instead weighs a point by how long the iterates
+    remember it, which underweights the last window of about $1/\gamma_n$ steps: one pass
+    at D=256, K=20 ended 0.031 nats/point short of batch EM that way and 0.017 this way.
+    ($\hat s_{n_0}$ is not taken in: it still holds the E steps of the first iterates,
+    and a 3-dimensional mixture started with scales ten times too large ended 0.2
+    nats/point short with it.)
+
+    ``batch``: this batch's statistics; ``begins``: the average begins with this
+    update; ``adds``: this batch joins it. Returns ``(averaged statistics, their Kahan
+    residuals, their points)``.
+    """
+    dtype = state.averaged_points.dtype
+    joins = adds & ~begins
+    points = jnp.where(begins, 0.0, state.averaged_points) + batch_size
+    points = jnp.where(begins | joins, points, state.averaged_points).astype(dtype)
+    weight = jnp.where(begins | joins, batch_size / points, 0.0)
+
+    def average(a, c, b):
+        c = jnp.where(begins, 0.0, c).astype(c.dtype)
+        # a skipped batch's statistics may be NaN: never multiplied in, even by 0
+        return compensated_add(a, c, weight.astype(a.dtype) * (jnp.where(weight > 0, b, a) - a))
+
+    new = {name: batch[name] for name in state.averaged_stats}
+    if not jax.tree.leaves(new):
+        return state.averaged_stats, state.averaged_stats_residual, points
+    pairs = jax.tree.map(average, state.averaged_stats, state.averaged_stats_residual, new)
+    outer = jax.tree.structure(state.averaged_stats)
+    averaged, residual = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+    return averaged, residual, points
 
 
 def batch_step(
@@ -366,11 +427,29 @@ def update(
         pairs = jax.tree.map(average, state.averaged, state.averaged_residual, params)
         outer = jax.tree.structure(state.averaged)
         averaged, residual = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+        averaged_stats, stats_residual, averaged_points = average_statistics(
+            state, batch, batch_size, begins, finite & (polyak_from >= 0)
+        )
+        # the M steps of the statistics' average (of those that are functions of their
+        # statistics alone), once it rests on more points than the running statistics
+        ended = (polyak_from >= 0) & finite & (averaged_points * weight_sq >= 1.0)
+        context = MStepContext(
+            config, res.estep, averaged_points, jnp.asarray(gamma), jnp.asarray(decay)
+        )
+        from_stats = averaged
+        for m in plan.msteps:
+            if m.name in averaged_stats:
+                from_stats, _ = m.update(
+                    averaged_stats[m.name], from_stats, mstep_states[m.name], context
+                )
+        averaged = jax.tree.map(lambda a, b: jnp.where(ended, a, b), from_stats, averaged)
         # a value outside a non-convex constraint is no estimate: those are not averaged
         averaged = {**averaged, **{n: params[n] for n in plan.unaveraged}}
     else:
         averaged, residual = params, state.averaged_residual
         polyak_from = state.polyak_from
+        averaged_stats, stats_residual = state.averaged_stats, state.averaged_stats_residual
+        averaged_points = state.averaged_points
     new_state = OnlineEMState(
         params=params,
         stats=stats,
@@ -378,6 +457,9 @@ def update(
         shifts=state.shifts,
         averaged=averaged,
         averaged_residual=residual,
+        averaged_stats=averaged_stats,
+        averaged_stats_residual=stats_residual,
+        averaged_points=averaged_points,
         polyak_from=polyak_from,
         count=state.count + finite.astype(state.count.dtype),
         num_seen=jnp.where(finite, seen, state.num_seen),

@@ -38,6 +38,16 @@ class OnlineEMState(NamedTuple):
         The low-order part of ``averaged`` lost to rounding (Kahan's compensation,
         `numpyro_onlineem.core.compensated_add`): float32 increments of an average far
         from the origin would otherwise be lost.
+    averaged_stats : dict[str, dict[str, Array]]
+        Polyak–Ruppert average of the statistics of the M steps that are functions of
+        their statistics alone (closed form, weighted least squares), keyed like
+        ``stats``: the running mean of the batches' statistics since the average began
+        (`numpyro_onlineem.core.average_statistics`). Their sites' entries of
+        ``averaged`` are their M steps of it.
+    averaged_stats_residual : dict[str, dict[str, Array]]
+        Kahan's residual of ``averaged_stats``, as ``averaged_residual``.
+    averaged_points : Array, float, shape ()
+        Effective points behind ``averaged_stats`` (0 before the average begins).
     polyak_from : Array, float, shape ()
         ``num_seen`` when the Polyak average began (``-1`` before: every leaf of the
         state stays finite): after the average's
@@ -64,6 +74,9 @@ class OnlineEMState(NamedTuple):
     shifts: dict
     averaged: dict
     averaged_residual: dict
+    averaged_stats: dict
+    averaged_stats_residual: dict
+    averaged_points: jax.Array
     polyak_from: jax.Array
     count: jax.Array
     num_seen: jax.Array

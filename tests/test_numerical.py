@@ -186,7 +186,7 @@ def _poisson_mixture_nll(X, y, d):
 def test_the_average_waits_for_the_newton_transient_to_end():
     """A mixture of two Poisson regressions in 60 dimensions (120 Newton values): the
     decrement stays far above its noise level for the first ~20,000 points. An average
-    started at the default 5,120 points kept that transient (0.16 nats/point short of
+    started at 5,120 points (then the default start) kept that transient (0.16 nats/point short of
     the MLE after one pass, where the last iterate was 0.004 short); started once the
     steps settle, it is no worse than the last iterate."""
     n, d = 40_000, 60

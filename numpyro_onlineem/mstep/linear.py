@@ -132,6 +132,7 @@ class LinearGaussian(NamedTuple):
     """Weighted least squares for a `LinearSite` (see the module docstring)."""
 
     site: LinearSite
+    averages_statistics = True  # its update reads its statistics alone
 
     @property
     def name(self) -> str:

@@ -92,8 +92,8 @@ score has covariance $I / B$ there, in the information's metric). Before that it
 iterates are still in their transient, and a Polyak average over them would keep it:
 on a mixture of two Poisson regressions in 60 dimensions (120 values) the decrement
 fell from 400 times its noise level to about 1 over the first 20,000 points, and an
-average started after 5,120 ended one pass 0.16 nats/point short where the last
-iterate was 0.004 short."""
+average started after 5,120 points (then the default start) ended one pass 0.16
+nats/point short where the last iterate was 0.004 short."""
 
 
 RATIO_MEMORY = 10.0
