@@ -43,11 +43,12 @@ class OnlineEMState(NamedTuple):
         their statistics alone (closed form, weighted least squares), keyed like
         ``stats``: the running mean of the batches' statistics since the average began
         (`numpyro_onlineem.core.average_statistics`). Their sites' entries of
-        ``averaged`` are their M steps of it.
+        ``averaged`` are their M steps of it, once it rests on more points than
+        ``stats`` (``averaged_points >= 1 / weight_sq``).
     averaged_stats_residual : dict[str, dict[str, Array]]
         Kahan's residual of ``averaged_stats``, as ``averaged_residual``.
     averaged_points : Array, float, shape ()
-        Effective points behind ``averaged_stats`` (0 before the average begins).
+        Points behind ``averaged_stats`` (0 before the average begins).
     polyak_from : Array, float, shape ()
         ``num_seen`` when the Polyak average began (``-1`` before: every leaf of the
         state stays finite): after the average's

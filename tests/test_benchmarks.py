@@ -53,3 +53,36 @@ def test_generalized_em_smoke(capsys):
     x_test = gem.make_data(gem.BENCHES["gamma"], args, 0).test
     ours = gem.mean_loglik(gem.BENCHES["gamma"], em.get_params(state), x_test)
     np.testing.assert_allclose(ours, float(np.mean(em.log_likelihood(state, *x_test))), rtol=1e-5)
+
+
+def test_handwritten_twin_replicates_onlineem_defaults(rng):
+    """The streaming benchmark's throughput ratio compares like with like: the
+    hand-written twin, configured from OnlineEM's plan, computes the same iterates and
+    the same Polyak average (the M step of the batches' averaged statistics) as
+    `OnlineEM.run` with its defaults, batch for batch."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.handwritten import config_from_plan, jax_init, jax_scan
+    from numpyro_onlineem import OnlineEM
+    from tests.models import gmm_diag
+
+    d, k, b = 8, 3, 64
+    centres = rng.normal(size=(k, d)) * 3.0
+    x = (centres[rng.integers(0, k, 64 * 80)] + rng.normal(size=(64 * 80, d))).astype("f4")
+    em = OnlineEM(functools.partial(gmm_diag, K=k), init="model")
+    start = {"locs": x[:k], "scales": np.ones((k, d), "f4"), "weights": np.ones(k, "f4") / k}
+    state = em.init(jax.random.PRNGKey(0), x[:b], init_params=start)
+    result = em.run(
+        jax.random.PRNGKey(0), x[b:], batch_size=b, init_state=state, progress_bar=False
+    )
+    config = config_from_plan(state.plan)
+    assert config.polyak_start is not None  # the average is part of what is compared
+    twin = jax_init(dict(state.params), jnp.asarray(x[:b]))
+    twin, _ = jax_scan(config, twin, jnp.asarray(x[b:]).reshape(-1, b, d))
+    assert float(result.state.averaged_points) > 1_000  # averaged for most of the stream
+    for name in ("weights", "locs", "scales"):
+        np.testing.assert_allclose(twin.params[name], result.state.params[name], atol=2e-4)
+        np.testing.assert_allclose(twin.averaged[name], result.params[name], atol=2e-4)
