@@ -25,14 +25,16 @@ Values passed as ``init_params`` to `OnlineEM.init` are never overridden: a comp
 that no point of the init batch is nearest to gets a ``RuntimeWarning`` there.
 ``init="model"`` checks nothing (it runs no k-means and no extra trace). A site whose
 constraint orders its values (``ordered_vector``) gets its centres sorted along the
-ordered axis; otherwise, when the latent's mixture weights are unequal at the start
-(fixed, given or chosen), the centres are matched to them by cluster size
-(`_match_weights`). The data are centred on their mean before k-means, so that float32 data
-far from the origin keep their precision.
+ordered axis; a site whose prior's mean differs across components gets, for each
+component, the centre nearest that mean (`_match_prior`); otherwise, when the latent's
+mixture weights are unequal at the start (fixed, given or chosen), the centres are
+matched to them by cluster size (`_match_weights`). The data are centred on their mean
+before k-means, so that float32 data far from the origin keep their precision.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import jax
@@ -210,6 +212,44 @@ def _match_weights(centers: np.ndarray, pts: np.ndarray, weights: np.ndarray) ->
     return out
 
 
+def _prior_component_means(trace, pname: str, shape: tuple, event: tuple, bm_k: np.ndarray):
+    """The mean of a sampled site's prior per component, ``(k, p)``, when it differs
+    across components (a prior that labels them), else ``None``."""
+    site = trace.get(pname)
+    if site is None or site["type"] != "sample" or site.get("is_observed"):
+        return None
+    try:
+        mean = np.broadcast_to(np.asarray(site["fn"].mean, np.float64), shape)
+    except (NotImplementedError, AttributeError, ValueError):
+        return None
+    means = mean.reshape((-1,) + event)[bm_k].reshape(bm_k.shape[0], -1)
+    if not np.all(np.isfinite(means)) or np.all(means == means[:1]):
+        return None
+    return means
+
+
+def _match_prior(centers: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Reorder k-means centres so that each component gets the centre nearest its
+    prior's mean: the assignment of least summed squared distance (every permutation up
+    to 6 components, the closest remaining pair first above). A prior with component
+    means at -4, 0 and 4 labels the components; started in k-means' own order, the
+    component whose prior sat at -4 ended at +4, 0.22 nats/point below the truth's
+    log-joint density (prior scale 0.1)."""
+    k = len(centers)
+    cost = np.sum((centers[:, None, :] - means[None, :, :]) ** 2, -1)  # (centre, component)
+    if k <= 6:
+        perms = np.array(list(itertools.permutations(range(k))))
+        order = perms[np.argmin(cost[perms, np.arange(k)].sum(1))]
+    else:
+        order = np.empty(k, int)
+        cost = cost.astype(np.float64)
+        for _ in range(k):
+            c, j = np.unravel_index(np.argmin(cost), cost.shape)
+            order[j] = c
+            cost[c, :], cost[:, j] = np.inf, np.inf
+    return centers[order]
+
+
 MIN_POINTS_PER_COMPONENT = 10
 """Init-batch points per component below which `_without_data` finds none: a component
 of weight ``1 / k`` is then nearest to none of ``10 k`` points with probability at
@@ -347,8 +387,12 @@ def data_driven_init(
                     f" (the model's values differ across components, but no point of it "
                     f"was nearest to component(s) {empty}: they would have had no data)"
                 )
+            prior_means = _prior_component_means(trace, pname, shape, event, bm_k)
             if ordered:
                 centers = centers[np.argsort(centers[:, 0])]
+            elif prior_means is not None:
+                centers = _match_prior(centers, prior_means.astype(centers.dtype))
+                how += ", matched to the prior's component means"
             else:
                 weights = _component_weights(trace, site, axis, k)
                 if weights is not None:

@@ -50,10 +50,14 @@ class OnlineEMState(NamedTuple):
     averaged_points : Array, float, shape ()
         Points behind ``averaged_stats`` (0 before the average begins).
     polyak_from : Array, float, shape ()
-        ``num_seen`` when the Polyak average began (``-1`` before: every leaf of the
-        state stays finite): after the average's
+        ``num_seen`` when the Polyak average last began (``-1`` before: every leaf of the
+        state stays finite; it begins again when it falls behind the iterate,
+        `numpyro_onlineem.core.check_average`): after the average's
         start (``polyak_start``), at the first update whose M steps have all settled
         (`MStep.settled`).
+    polyak_check : Array, float, shape (3,)
+        Count, sum and sum of squares of the average's excess loss over the iterate on
+        fresh batches since the average (re)began (`numpyro_onlineem.core.check_average`).
     count : Array, int32, shape ()
         Number of updates applied.
     num_seen : Array, float, shape ()
@@ -79,6 +83,7 @@ class OnlineEMState(NamedTuple):
     averaged_stats_residual: dict
     averaged_points: jax.Array
     polyak_from: jax.Array
+    polyak_check: jax.Array
     count: jax.Array
     num_seen: jax.Array
     weight_sq: jax.Array

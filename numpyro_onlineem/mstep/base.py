@@ -114,7 +114,11 @@ class MStepContext(NamedTuple):
 class MStep(Protocol):
     """An M step of some estimated sites (see the module docstring). It may also give
     ``settled(mstep_state) -> bool array``: whether its iterates have left their
-    transient (the numerical Newton step's; `numpyro_onlineem.core.settled_flags`)."""
+    transient (the numerical Newton step's; `numpyro_onlineem.core.settled_flags`); and
+    the class attribute ``averages_statistics = True`` when its ``update`` is a function
+    of its statistics alone (closed form, weighted least squares), so that its Polyak
+    average is its ``update`` of the averaged statistics
+    (`numpyro_onlineem.core.average_statistics`) rather than the mean of its iterates."""
 
     @property
     def name(self) -> str:
