@@ -91,7 +91,9 @@ class OnlineEM:
         Polyak–Ruppert averaging (what `get_params` returns), from ``polyak_start``
         points on: closed-form sites give the M step of their statistics' running mean
         since the start, numerical ones the mean of their iterates, each weighted by
-        its batch's points (see `numpyro_onlineem.core.average_statistics`).
+        its batch's points (see `numpyro_onlineem.core.average_statistics`). An
+        average that falls behind the iterate on fresh batches begins again
+        (`numpyro_onlineem.core.check_average`).
         Default: on with the default schedule when ``kappa=0.6``, off with ``kappa=1``
         (the statistics are already a running mean) and off with a user ``step_size``.
     polyak_start : float, optional
