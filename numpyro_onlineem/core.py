@@ -268,6 +268,16 @@ def compensated_add(total: jax.Array, residual: jax.Array, increment: jax.Array)
     return new, (new - total) - y
 
 
+def _map_pairs(fn, totals, residuals, *others) -> tuple:
+    """``fn(total, residual, *other) -> (total, residual)`` over the leaves of a running
+    sum and its Kahan residuals: ``(totals, residuals)``, trees shaped like ``totals``."""
+    if not jax.tree.leaves(totals):
+        return totals, residuals
+    pairs = jax.tree.map(fn, totals, residuals, *others)
+    outer = jax.tree.structure(totals)
+    return jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+
+
 def _averages_stats(mstep) -> bool:
     """Whether an M step's Polyak average is its M step of the averaged statistics
     (`average_statistics`): one whose update is a function of its statistics alone."""
@@ -316,11 +326,9 @@ def average_statistics(
         return compensated_add(a, c, weight.astype(a.dtype) * (jnp.where(weight > 0, b, a) - a))
 
     new = {name: batch[name] for name in state.averaged_stats}
-    if not jax.tree.leaves(new):
-        return state.averaged_stats, state.averaged_stats_residual, points
-    pairs = jax.tree.map(average, state.averaged_stats, state.averaged_stats_residual, new)
-    outer = jax.tree.structure(state.averaged_stats)
-    averaged, residual = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+    averaged, residual = _map_pairs(
+        average, state.averaged_stats, state.averaged_stats_residual, new
+    )
     return averaged, residual, points
 
 
@@ -475,9 +483,7 @@ def update(
             # a skipped batch leaves the average (and its residual) as they were
             return tuple(jnp.where(finite, n, o) for n, o in zip(new, (a, c), strict=True))
 
-        pairs = jax.tree.map(average, state.averaged, state.averaged_residual, params)
-        outer = jax.tree.structure(state.averaged)
-        averaged, residual = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+        averaged, residual = _map_pairs(average, state.averaged, state.averaged_residual, params)
         averaged_stats, stats_residual, averaged_points = average_statistics(
             state, batch, batch_size, begins, finite & (polyak_from >= 0)
         )
