@@ -3,9 +3,10 @@
 The same recursion as ``OnlineEM`` on the benchmarks' mixtures (`tests.models`), with
 nothing derived from a model: responsibilities by logsumexp over matrix-product
 log-densities, running sufficient statistics with the same Robbins-Monro steps, burn-in
-and Polyak averaging, and the closed-form M step. It is the throughput OnlineEM can aim
-for ("our limit"). `jax_update` is one step, `jax_scan` fuses many in one ``lax.scan``;
-nothing here jits for you.
+and Polyak averaging (with the same check of the average against the iterate, every
+``CHECK_EVERY`` updates, that restarts a stale one), and the closed-form M step. It is
+the throughput OnlineEM can aim for ("our limit"). `jax_update` is one step,
+`jax_scan` fuses many in one ``lax.scan``; nothing here jits for you.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from numpyro_onlineem.core import CHECK_EVERY, stale_average
 from numpyro_onlineem.schedules import DEFAULT_POLYAK_WINDOWS
 
 T0 = 2.0  # offset of the Robbins-Monro steps (OnlineEM's default)
@@ -46,6 +48,13 @@ class JaxEMState(NamedTuple):
     weight_sq : Array, float32
         Sum of the squared weights of the points in the running statistics (1 / the
         effective number of points behind them).
+    polyak_from : Array, float32
+        Points seen when the average last began (-1 before).
+    check : Array, float32, shape (3,)
+        Count, sum and sum of squares of the average's excess loss over the iterate at
+        the checks since it began (OnlineEM's ``polyak_check``).
+    count : Array, int32
+        Updates applied.
     """
 
     params: dict
@@ -55,6 +64,9 @@ class JaxEMState(NamedTuple):
     averaged_points: jax.Array
     seen: jax.Array
     weight_sq: jax.Array
+    polyak_from: jax.Array
+    check: jax.Array
+    count: jax.Array
 
 
 class JaxEMConfig(NamedTuple):
@@ -159,7 +171,26 @@ def jax_init(params, x0):
     params = {name: jnp.asarray(v) for name, v in params.items()}
     _, stats = jax_e_step(params, x0)
     n0 = jnp.float32(x0.shape[0])
-    return JaxEMState(params, params, stats, stats, jnp.float32(0.0), n0, 1.0 / n0)
+    zero = jnp.float32(0.0)
+    return JaxEMState(
+        params, params, stats, stats, zero, n0, 1.0 / n0, -1.0 + zero, jnp.zeros(3), jnp.int32(0)
+    )
+
+
+def jax_check(state, x, loss):
+    """Every ``CHECK_EVERY`` updates once the average has begun, the average's excess
+    loss over the iterate on this batch (which neither has seen) joins running sums;
+    at 4, 8, 16, ... checks, a mean above 3 standard errors marks the average stale
+    (OnlineEM's verdict, `stale_average`). Returns the sums and the verdict."""
+    looking = (state.polyak_from >= 0) & (state.count % CHECK_EVERY == 0)
+
+    def excess():
+        d = -jnp.mean(jax_e_step(state.averaged, x)[0]) - loss
+        return jnp.clip(jnp.where(jnp.isnan(d), 10.0, d), -10.0, 10.0)
+
+    d = jax.lax.cond(looking, excess, lambda: jnp.float32(0.0))
+    check = state.check + jnp.where(looking, jnp.stack([1.0, d, d * d]), 0.0)
+    return check, looking & stale_average(check)
 
 
 def jax_update(config, state, x):
@@ -168,6 +199,7 @@ def jax_update(config, state, x):
     during burn-in; then the M step (skipped during burn-in) and the Polyak average,
     the M step of the statistics' average."""
     loglik, batch = jax_e_step(state.params, x)
+    loss = -jnp.mean(loglik)
     b = x.shape[0]
     seen = state.seen + b
     in_burn_in = seen <= config.burn_in
@@ -179,24 +211,43 @@ def jax_update(config, state, x):
     weight_sq = (1.0 - gamma) ** 2 * state.weight_sq + gamma**2 / b
     proposed = jax_m_step(state.params, stats, b, 1.0 / weight_sq, config.damping)
     params = jax.tree.map(lambda new, old: jnp.where(in_burn_in, old, new), proposed, state.params)
+    polyak_from, check = state.polyak_from, state.check
     if config.polyak_start is None:
         averaged, avg_stats, points = params, state.averaged_stats, state.averaged_points
     else:
-        # the average of the batches' statistics since the start; its M step is the
-        # average once it rests on more points than the running statistics
+        # the average of the batches' statistics since the start (again, when the check
+        # finds it stale); its M step is the average once it rests on more points than
+        # the running statistics
         start = config.polyak_start
-        on = seen > start
-        points = jnp.where(on, jnp.where(state.seen > start, state.averaged_points, 0.0) + b, 0.0)
+        check, stale = jax_check(state, x, loss)
+        begins = ((polyak_from < 0) | stale) & (seen > start) & ~in_burn_in
+        check = jnp.where(begins, 0.0, check)
+        polyak_from = jnp.where(begins, jnp.maximum(state.seen, start), polyak_from)
+        on = polyak_from >= 0
+        points = jnp.where(begins, 0.0, state.averaged_points) + b
+        points = jnp.where(on, points, 0.0)
         w = jnp.where(on, b / jnp.maximum(points, 1.0), 0.0)
         avg_stats = jax.tree.map(lambda a, new: a + w * (new - a), state.averaged_stats, batch)
         # damped toward the iterates' average, as OnlineEM's
-        weight = jnp.minimum(jnp.where(on, b / jnp.maximum(seen - start, 1.0), 1.0), 1)
+        since = seen - polyak_from
+        weight = jnp.minimum(jnp.where(on & (since > 0), b / jnp.maximum(since, 1.0), 1.0), 1)
         iterates = jax.tree.map(lambda a, p: a + weight * (p - a), state.averaged, params)
         from_stats = jax_m_step(iterates, avg_stats, b, points, config.damping)
         use = on & (points * weight_sq >= 1.0)
         averaged = jax.tree.map(lambda f, a: jnp.where(use, f, a), from_stats, iterates)
-    new = JaxEMState(params, averaged, stats, avg_stats, points, seen, weight_sq)
-    return new, -jnp.mean(loglik)
+    new = JaxEMState(
+        params,
+        averaged,
+        stats,
+        avg_stats,
+        points,
+        seen,
+        weight_sq,
+        polyak_from,
+        check,
+        state.count + 1,
+    )
+    return new, loss
 
 
 def jax_scan(config, state, xs):

@@ -569,9 +569,10 @@ def _init_state(config, plan, params, rng_key, arrays, static):
     return core.init_state(config, plan, params, rng_key, args, kwargs)
 
 
-def _update(config, state, arrays, static):
+def _update(config, state, arrays, static, reread=None):
     args, kwargs = merge_args(arrays, static)
-    return core.update(config, state, args, kwargs)
+    again = None if reread is None else lambda: merge_args(reread(), static)
+    return core.update(config, state, args, kwargs, again)
 
 
 def _scan(config, state, arrays, static, length, skip):
@@ -585,8 +586,9 @@ def _scan(config, state, arrays, static, length, skip):
 
     def body(i, carry):
         s, out = carry
-        batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), arrays)
-        s, one = _update(config, s, batch, static)
+        # read again in the branch that checks the Polyak average (`core.update`)
+        at = lambda: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), arrays)
+        s, one = _update(config, s, at(), static, at)
         put = lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v.astype(o.dtype), i, 0)
         return s, jax.tree.map(put, out, one)
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 from numpyro.distributions import constraints
 
 from numpyro_onlineem.estep.enumerate import local_log_probs, num_data
@@ -153,10 +154,14 @@ def batch_statistics(
     args: tuple,
     kwargs: dict,
     indices=batch_indices,
+    reread: Callable[[], tuple[tuple, dict]] | None = None,
 ) -> BatchStatistics:
     """E step on one batch, then every M step's statistics, about ``shifts`` (``None``:
     about this batch's own `data_shifts` and M-step references, as at ``init``), the
-    data plate's subsample drawn by ``indices`` (see `numpyro_onlineem.model.enum_trace`)."""
+    data plate's subsample drawn by ``indices`` (see `numpyro_onlineem.model.enum_trace`).
+
+    ``reread``: ``() -> (args, kwargs)``, the same batch read again where
+    ``log_marginal`` needs it (`update`'s ``reread``)."""
     sites = plan.model_sites
     trace = enum_trace(config.model, sites, params, args, kwargs, indices)
     fresh = shifts is None
@@ -181,7 +186,9 @@ def batch_statistics(
         return local / batch_size, priors
 
     def log_marginal(values: dict) -> jax.Array:
-        return jnp.mean(plan.estep.log_likelihood(trace_at(values), sites, shifts))
+        a, k = (args, kwargs) if reread is None else reread()
+        tr = enum_trace(config.model, sites, values, a, k, indices)
+        return jnp.mean(plan.estep.log_likelihood(tr, sites, shifts))
 
     batch = EStepBatch(
         trace,
@@ -233,16 +240,16 @@ def init_state(
         rng_key, key = jax.random.split(rng_key)
         indices = random_indices(key)
     batch = batch_statistics(config, plan, params, None, args, kwargs, indices)
-    averaged_stats = {m.name: batch.stats[m.name] for m in plan.msteps if _averages_stats(m)}
+    averaged_stats, _ = ravel_pytree(_averaged_part(plan, batch.stats))
+    iterates = _iterate_averaged(plan, params)
     return OnlineEMState(
         params=params,
         stats=batch.stats,
         mstep_states={m.name: m.init(params) for m in plan.msteps},
         shifts=batch.estep.shifts,
         averaged=params,
-        averaged_residual=jax.tree.map(jnp.zeros_like, params),
-        averaged_stats=averaged_stats,
-        averaged_stats_residual=jax.tree.map(jnp.zeros_like, averaged_stats),
+        averaged_residual={n: jnp.zeros_like(params[n]) for n in iterates},
+        averaged_stats=jnp.stack([averaged_stats, jnp.zeros_like(averaged_stats)]),
         averaged_points=jnp.zeros((), jnp.result_type(float)),
         polyak_from=jnp.asarray(-1.0, jnp.result_type(float)),
         polyak_check=jnp.zeros((3,), jnp.result_type(float)),
@@ -284,13 +291,29 @@ def _averages_stats(mstep) -> bool:
     return bool(getattr(mstep, "averages_statistics", False))
 
 
+def _averaged_part(plan: Plan, stats: dict) -> dict:
+    """The statistics of the M steps that average them (`_averages_stats`), keyed by M
+    step: the tree whose leaves ``OnlineEMState.averaged_stats`` ravels
+    (``jax.flatten_util.ravel_pytree``, in its leaf order)."""
+    return {m.name: stats[m.name] for m in plan.msteps if _averages_stats(m)}
+
+
+def _iterate_averaged(plan: Plan, params: dict) -> tuple:
+    """The estimated sites whose Polyak average is the mean of their iterates (with
+    Kahan's compensation, `compensated_add`): those of no M step that averages its
+    statistics. The others' mean of iterates only bridges the short time before the
+    M step of the averaged statistics takes over, and then anchors its damping."""
+    from_stats = {n for m in plan.msteps if _averages_stats(m) for n in m.estimated}
+    return tuple(n for n in params if n not in from_stats)
+
+
 def average_statistics(
     state: OnlineEMState,
-    batch: dict,
+    batch: jax.Array,
     batch_size: int,
     begins: jax.Array,
     adds: jax.Array,
-) -> tuple[dict, dict, jax.Array]:
+) -> tuple[jax.Array, jax.Array]:
     r"""The Polyak average of the statistics: the running mean of the batches'
     statistics since the average began at $n_0$ points,
 
@@ -310,9 +333,11 @@ def average_statistics(
     and a 3-dimensional mixture started with scales ten times too large ended 0.2
     nats/point short with it.)
 
-    ``batch``: this batch's statistics; ``begins``: the average begins with this
-    update; ``adds``: this batch joins it. Returns ``(averaged statistics, their Kahan
-    residuals, their points)``.
+    ``batch``: this batch's statistics of the averaging M steps, raveled as
+    ``state.averaged_stats`` (``(S,)``); ``begins``: the average begins with this
+    update; ``adds``: this batch joins it. Returns ``(averaged statistics and their
+    Kahan residuals, (2, S); their points)``: one array, so that one fused loop updates
+    both.
     """
     dtype = state.averaged_points.dtype
     joins = adds & ~begins
@@ -320,16 +345,11 @@ def average_statistics(
     points = jnp.where(begins | joins, points, state.averaged_points).astype(dtype)
     weight = jnp.where(begins | joins, batch_size / points, 0.0)
 
-    def average(a, c, b):
-        c = jnp.where(begins, 0.0, c).astype(c.dtype)
-        # a skipped batch's statistics may be NaN: never multiplied in, even by 0
-        return compensated_add(a, c, weight.astype(a.dtype) * (jnp.where(weight > 0, b, a) - a))
-
-    new = {name: batch[name] for name in state.averaged_stats}
-    averaged, residual = _map_pairs(
-        average, state.averaged_stats, state.averaged_stats_residual, new
-    )
-    return averaged, residual, points
+    a, c = state.averaged_stats
+    c = jnp.where(begins, 0.0, c).astype(c.dtype)
+    # a skipped batch's statistics may be NaN: never multiplied in, even by 0
+    step = weight.astype(a.dtype) * (jnp.where(weight > 0, batch, a) - a)
+    return jnp.stack(compensated_add(a, c, step)), points
 
 
 CHECK_EVERY = 16
@@ -369,14 +389,19 @@ def check_average(
 
     d = jax.lax.cond(looking, excess, lambda: jnp.zeros((), dtype))
     check = state.polyak_check + jnp.where(looking, jnp.stack([1.0, d, d * d]), 0.0).astype(dtype)
+    return check, looking & stale_average(check)
+
+
+def stale_average(check: jax.Array) -> jax.Array:
+    r"""The verdict of `check_average` on its sums ``(count n, sum d, sum d^2)``, shape
+    (3,): whether the mean of $d$ exceeds `CHECK_Z` standard errors, decided when $n$ is
+    `MIN_CHECKS` = 4, 8, 16, ... only (few looks, few false alarms; a paired difference
+    on the same batch has little noise where the average lags). Bool, shape ()."""
     n = check[0]
     mean = check[1] / jnp.maximum(n, 1.0)
     var = jnp.maximum(check[2] / jnp.maximum(n, 1.0) - mean**2, 0.0)
-    # decided at 4, 8, 16, ... checks only: few looks, few false alarms (and a paired
-    # difference on the same batch has little noise where the average lags)
     power = (n >= MIN_CHECKS) & (jnp.exp2(jnp.round(jnp.log2(jnp.maximum(n, 1.0)))) == n)
-    stale = looking & power & (mean > CHECK_Z * jnp.sqrt(var / jnp.maximum(n, 1.0)))
-    return check, stale
+    return power & (mean > CHECK_Z * jnp.sqrt(var / jnp.maximum(n, 1.0)))
 
 
 def batch_step(
@@ -400,18 +425,27 @@ def batch_step(
 
 
 def update(
-    config: Config, state: OnlineEMState, args: tuple, kwargs: dict
+    config: Config,
+    state: OnlineEMState,
+    args: tuple,
+    kwargs: dict,
+    reread: Callable[[], tuple[tuple, dict]] | None = None,
 ) -> tuple[OnlineEMState, UpdateInfo]:
     """One online EM update on the batch given by the model's ``args``/``kwargs``.
 
     Pure and jittable; the state's size is independent of how much data was seen.
+    ``reread``: ``() -> (args, kwargs)``, the same batch, for the check of the Polyak
+    average (`check_average`), which runs in a branch every `CHECK_EVERY` updates. A
+    loop over stacked batches passes its indexing of the stack, so that the branch
+    reads the stack in place: a copy of the batch as the branch's operand cost
+    about a tenth of an update at D=256 (``None``: ``args``, ``kwargs``).
     """
     plan = state.plan
     rng_key, indices = state.rng_key, batch_indices
     if plan.model_sites.reads_subsample:  # the model draws its batch from the data given
         rng_key, key = jax.random.split(rng_key)
         indices = random_indices(key)
-    res = batch_statistics(config, plan, state.params, state.shifts, args, kwargs, indices)
+    res = batch_statistics(config, plan, state.params, state.shifts, args, kwargs, indices, reread)
     batch, batch_size = res.stats, res.estep.batch_size
     loss = -jnp.mean(res.loglik)
     dtype = state.num_seen.dtype
@@ -483,9 +517,23 @@ def update(
             # a skipped batch leaves the average (and its residual) as they were
             return tuple(jnp.where(finite, n, o) for n, o in zip(new, (a, c), strict=True))
 
-        averaged, residual = _map_pairs(average, state.averaged, state.averaged_residual, params)
-        averaged_stats, stats_residual, averaged_points = average_statistics(
-            state, batch, batch_size, begins, finite & (polyak_from >= 0)
+        # the sites averaged through their statistics move plainly until the M step of
+        # the averaged statistics takes over (`_iterate_averaged`)
+        averaged = {
+            n: jnp.where(finite, a + weight.astype(a.dtype) * (params[n] - a), a)
+            for n, a in state.averaged.items()
+        }
+        compensated, residual = _map_pairs(
+            average,
+            {n: state.averaged[n] for n in state.averaged_residual},
+            state.averaged_residual,
+            {n: params[n] for n in state.averaged_residual},
+        )
+        averaged.update(compensated)
+        part = _averaged_part(plan, batch)
+        flat, unravel = ravel_pytree(part)
+        averaged_stats, averaged_points = average_statistics(
+            state, flat, batch_size, begins, finite & (polyak_from >= 0)
         )
         # the M steps of the statistics' average (of those that are functions of their
         # statistics alone), once it rests on more points than the running statistics
@@ -495,9 +543,9 @@ def update(
         )
         from_stats = averaged
         for m in plan.msteps:
-            if m.name in averaged_stats:
+            if m.name in part:
                 from_stats, _ = m.update(
-                    averaged_stats[m.name], from_stats, mstep_states[m.name], context
+                    unravel(averaged_stats[0])[m.name], from_stats, mstep_states[m.name], context
                 )
         averaged = jax.tree.map(lambda a, b: jnp.where(ended, a, b), from_stats, averaged)
         # a value outside a non-convex constraint is no estimate: those are not averaged
@@ -505,7 +553,7 @@ def update(
     else:
         averaged, residual = params, state.averaged_residual
         polyak_from = state.polyak_from
-        averaged_stats, stats_residual = state.averaged_stats, state.averaged_stats_residual
+        averaged_stats = state.averaged_stats
         averaged_points = state.averaged_points
         check = state.polyak_check
     new_state = OnlineEMState(
@@ -516,7 +564,6 @@ def update(
         averaged=averaged,
         averaged_residual=residual,
         averaged_stats=averaged_stats,
-        averaged_stats_residual=stats_residual,
         averaged_points=averaged_points,
         polyak_from=polyak_from,
         polyak_check=check,

@@ -457,11 +457,12 @@ def _check_prior_weight(plan) -> None:
 
 
 def _pad(stacked, length: int):
-    """Stacked batches padded to ``length`` with batches of zeros (on the host; never
-    computed, see `numpyro_onlineem.api._scan`)."""
-    stacked = np.asarray(stacked)
-    pad = np.zeros((length - stacked.shape[0],) + stacked.shape[1:], stacked.dtype)
-    return np.concatenate([stacked, pad])
+    """Stacked batches padded to ``length`` with batches of zeros (never computed, see
+    `numpyro_onlineem.api._scan`), where they are: on the device for a device array
+    (not through the host and back), else on the host."""
+    xp = jnp if isinstance(stacked, jax.Array) else np
+    widths = [(0, length - stacked.shape[0])] + [(0, 0)] * (np.ndim(stacked) - 1)
+    return xp.pad(stacked, widths)
 
 
 def _stack(arrays) -> Any:

@@ -37,16 +37,18 @@ class OnlineEMState(NamedTuple):
     averaged_residual : dict[str, Array]
         The low-order part of ``averaged`` lost to rounding (Kahan's compensation,
         `numpyro_onlineem.core.compensated_add`): float32 increments of an average far
-        from the origin would otherwise be lost.
-    averaged_stats : dict[str, dict[str, Array]]
+        from the origin would otherwise be lost. Only the sites whose average is the
+        mean of their iterates (those of no M step in ``averaged_stats``).
+    averaged_stats : Array, float, shape (2, S)
         Polyak–Ruppert average of the statistics of the M steps that are functions of
-        their statistics alone (closed form, weighted least squares), keyed like
-        ``stats``: the running mean of the batches' statistics since the average began
-        (`numpyro_onlineem.core.average_statistics`). Their sites' entries of
+        their statistics alone (closed form, weighted least squares): the running mean
+        of the batches' statistics since the average began
+        (`numpyro_onlineem.core.average_statistics`), raveled into one row
+        (``jax.flatten_util.ravel_pytree`` of ``{M step: its statistics}``, keyed like
+        ``stats``), and below it Kahan's residual of that row. Their sites' entries of
         ``averaged`` are their M steps of it, once it rests on more points than
-        ``stats`` (``averaged_points >= 1 / weight_sq``).
-    averaged_stats_residual : dict[str, dict[str, Array]]
-        Kahan's residual of ``averaged_stats``, as ``averaged_residual``.
+        ``stats`` (``averaged_points >= 1 / weight_sq``). One array rather than a tree
+        of pairs: one fused loop updates it, and a jitted call returns one buffer.
     averaged_points : Array, float, shape ()
         Points behind ``averaged_stats`` (0 before the average begins).
     polyak_from : Array, float, shape ()
@@ -79,8 +81,7 @@ class OnlineEMState(NamedTuple):
     shifts: dict
     averaged: dict
     averaged_residual: dict
-    averaged_stats: dict
-    averaged_stats_residual: dict
+    averaged_stats: jax.Array
     averaged_points: jax.Array
     polyak_from: jax.Array
     polyak_check: jax.Array

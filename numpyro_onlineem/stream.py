@@ -10,6 +10,7 @@ batch of one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -132,21 +133,35 @@ class Chunk(NamedTuple):
     skip: int = 0
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _window(data: jax.Array, start: jax.Array, num: int, batch_size: int) -> jax.Array:
+    """Batches ``start`` to ``start + num`` of a device array, stacked:
+    ``(num, batch_size, ...)``, in one copy (slicing and then reshaping eagerly copies
+    twice). Compiled per array shape: a program of one slice."""
+    flat = jax.lax.dynamic_slice_in_dim(data, start * batch_size, num * batch_size)
+    return flat.reshape((num, batch_size) + data.shape[1:])
+
+
 def array_chunks(data: Any, batch_size: int, chunk_len) -> Iterator:
     """Cut an array into `Chunk` s of ``chunk_len()`` batches (asked before each chunk);
     a final partial batch comes last, on its own. A NumPy array is cut into views, so
-    each point is copied to the device once, by the compiled call that uses it."""
+    each point is copied to the device once, by the compiled call that uses it; a
+    device array into one copy per chunk (`_window`)."""
     n = data.shape[0]
     num = n // batch_size
-    full = data[: num * batch_size].reshape((num, batch_size) + data.shape[1:])
+    if isinstance(data, jax.Array):
+        cut = lambda lo, hi: _window(data, np.int32(lo), hi - lo, batch_size)
+    else:
+        full = data[: num * batch_size].reshape((num, batch_size) + data.shape[1:])
+        cut = lambda lo, hi: full[lo:hi]
     start = 0
     while start < num:
         size = chunk_len()
         stop = min(start + size, num)
         if stop - start < size <= num:  # a full-sized window ending at the last batch
-            yield Chunk(full[num - size : num], skip=size - (stop - start))
+            yield Chunk(cut(num - size, num), skip=size - (stop - start))
         else:
-            yield Chunk(full[start:stop])
+            yield Chunk(cut(start, stop))
         start = stop
     if num * batch_size < n:
         yield data[num * batch_size :]

@@ -86,3 +86,34 @@ def test_handwritten_twin_replicates_onlineem_defaults(rng):
     for name in ("weights", "locs", "scales"):
         np.testing.assert_allclose(twin.params[name], result.state.params[name], atol=2e-4)
         np.testing.assert_allclose(twin.averaged[name], result.params[name], atol=2e-4)
+
+
+def test_handwritten_twin_restarts_a_stale_average_as_onlineem_does():
+    """The twin runs OnlineEM's check of the Polyak average too (its cost is part of
+    the throughput compared): on two components that separate late, both find the
+    average stale at the same update, begin it again, and end with the same average."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.handwritten import config_from_plan, jax_init, jax_scan
+    from numpyro_onlineem import OnlineEM
+    from tests.models import gmm_diag
+
+    rng = np.random.default_rng(0)
+    k, d, b = 3, 3, 256
+    means = 4.0 * rng.normal(size=(k, d))
+    scales = rng.uniform(0.3, 2.0, size=(k, d))
+    z = rng.choice(k, 80 * b, p=rng.dirichlet(5 * np.ones(k)))
+    x = (means[z] + scales[z] * rng.normal(size=(80 * b, d))).astype(np.float32)
+    em = OnlineEM(lambda x: gmm_diag(x, K=k))
+    state = em.init(jax.random.PRNGKey(0), x[:b])
+    result = em.run(
+        jax.random.PRNGKey(0), x[b:], batch_size=b, init_state=state, progress_bar=False
+    )
+    twin = jax_init(dict(state.params), jnp.asarray(x[:b]))
+    twin, _ = jax_scan(config_from_plan(state.plan), twin, jnp.asarray(x[b:]).reshape(-1, b, d))
+    start = config_from_plan(state.plan).polyak_start
+    assert float(result.state.polyak_from) > start  # it began again
+    assert float(twin.polyak_from) == float(result.state.polyak_from)
+    for name in ("weights", "locs", "scales"):
+        np.testing.assert_allclose(twin.averaged[name], result.params[name], atol=2e-4)

@@ -124,6 +124,11 @@ class MStep(Protocol):
     def name(self) -> str:
         """Key of its statistics and state in `OnlineEMState`."""
 
+    @property
+    def estimated(self) -> tuple:
+        """The estimated sites it updates (every other entry of ``params`` it returns
+        unchanged)."""
+
     def init(self, params: dict) -> Any:
         """Its state, from the initial parameters."""
 

@@ -40,6 +40,10 @@ class ClosedForm(NamedTuple):
     def name(self) -> str:
         return self.site.site
 
+    @property
+    def estimated(self) -> tuple:
+        return tuple(self.site.learned.values())
+
     def init(self, params: dict) -> tuple:
         return ()
 

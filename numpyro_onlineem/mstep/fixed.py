@@ -21,6 +21,10 @@ class Fixed(NamedTuple):
     def name(self) -> str:
         return "<fixed>"
 
+    @property
+    def estimated(self) -> tuple:
+        return self.sites
+
     def init(self, params: dict) -> tuple:
         return ()
 

@@ -138,6 +138,10 @@ class LinearGaussian(NamedTuple):
     def name(self) -> str:
         return f"<linear {self.site.site}>"
 
+    @property
+    def estimated(self) -> tuple:
+        return (self.site.coef,) + (() if self.site.scale is None else (self.site.scale,))
+
     def init(self, params: dict) -> tuple:
         return ()
 

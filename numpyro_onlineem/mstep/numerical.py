@@ -156,6 +156,10 @@ class Numerical(NamedTuple):
     def name(self) -> str:
         return f"<numerical {self.index}>"
 
+    @property
+    def estimated(self) -> tuple:
+        return self.sites
+
     def _unconstrained(self, params: dict) -> dict:
         return {
             n: biject_to(c).inv(params[n])
