@@ -541,12 +541,10 @@ def update(
         context = MStepContext(
             config, res.estep, averaged_points, jnp.asarray(gamma), jnp.asarray(decay)
         )
-        from_stats = averaged
+        from_stats, mean = averaged, unravel(averaged_stats[0])
         for m in plan.msteps:
             if m.name in part:
-                from_stats, _ = m.update(
-                    unravel(averaged_stats[0])[m.name], from_stats, mstep_states[m.name], context
-                )
+                from_stats, _ = m.update(mean[m.name], from_stats, mstep_states[m.name], context)
         averaged = jax.tree.map(lambda a, b: jnp.where(ended, a, b), from_stats, averaged)
         # a value outside a non-convex constraint is no estimate: those are not averaged
         averaged = {**averaged, **{n: params[n] for n in plan.unaveraged}}

@@ -116,11 +116,17 @@ def _mixture_posterior(log_probs: dict, axes: dict, size: int) -> tuple[jax.Arra
     r"""``(loglik, weights)`` of a mixture (`_mixture_axes`) in closed form: the
     posterior $r_{ki} = \exp(\ell_{ki} - \log \sum_{k'} e^{\ell_{k'i}})$ on the grid,
     summed over the grid axes a factor is constant along. It is the gradient that
-    `e_step` takes otherwise, without the transposes and divisions of its backward
-    pass (4 of the 54 fused operations of a D=64, K=10 mixture's update)."""
+    `e_step` takes otherwise, without its backward pass's transposes (4 of the 54
+    fused operations of a D=64, K=10 mixture's update; no measurable change in time)."""
     total = _mixture_grid(log_probs, axes, size)
-    loglik = jax.nn.logsumexp(total, axis=0)
-    post = jnp.exp(total - loglik)
+    # logsumexp's own steps, so that one exponential gives both (a second pass of exp
+    # over the grid cost 6 us of 37 at D=2, K=20)
+    top = jnp.max(total, axis=0)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    e = jnp.exp(total - top)
+    norm = jnp.sum(e, axis=0)
+    loglik = jnp.log(norm) + top
+    post = e / norm
     weights = {}
     for name, pairs in axes.items():
         lp = log_probs[name]
