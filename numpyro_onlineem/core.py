@@ -522,6 +522,7 @@ def update(
         averaged = {
             n: jnp.where(finite, a + weight.astype(a.dtype) * (params[n] - a), a)
             for n, a in state.averaged.items()
+            if n not in state.averaged_residual
         }
         compensated, residual = _map_pairs(
             average,

@@ -83,14 +83,15 @@ def _mixture_axes(log_probs: dict, layout: tuple, sites: ModelSites) -> dict | N
     return axes
 
 
-def _mixture_grid(log_probs: dict, axes: dict, size: int) -> jax.Array:
+def _mixture_grid(log_probs: dict, axes: dict, size: int) -> tuple[jax.Array, dict]:
     """$\\sum_f \\log f(k, i)$ on the ``(states, data)`` grid of a mixture's factors
-    (`_mixture_axes`), shape ``(K, size)``."""
-    total = jnp.zeros((1, 1), jnp.result_type(float))
+    (`_mixture_axes`), shape ``(K, size)``, and each factor's grid shape (`_to_grid`)."""
+    total, shapes = jnp.zeros((1, 1), jnp.result_type(float)), {}
     for name, pairs in axes.items():
         lp = log_probs[name]
-        total = total + _to_grid(lp.reshape([lp.shape[i] for i, _ in pairs]), pairs)
-    return jnp.broadcast_to(total, (total.shape[0], size))
+        on_grid = _to_grid(lp.reshape([lp.shape[i] for i, _ in pairs]), pairs)
+        total, shapes[name] = total + on_grid, on_grid.shape
+    return jnp.broadcast_to(total, (total.shape[0], size)), shapes
 
 
 def _to_grid(lp: jax.Array, pairs: tuple) -> jax.Array:
@@ -109,7 +110,7 @@ def _contract_mixture(log_probs: dict, axes: dict, size: int) -> jax.Array:
     """$\\log \\sum_k \\prod_f f(k, i)$ for factors on a ``(states, data)`` grid
     (`_mixture_axes`): one ``logsumexp``. The same contraction as funsor's, without its
     bookkeeping, which on the CPU costs more than the arithmetic for small batches."""
-    return jax.nn.logsumexp(_mixture_grid(log_probs, axes, size), axis=0)
+    return jax.nn.logsumexp(_mixture_grid(log_probs, axes, size)[0], axis=0)
 
 
 def _mixture_posterior(log_probs: dict, axes: dict, size: int) -> tuple[jax.Array, dict]:
@@ -118,7 +119,7 @@ def _mixture_posterior(log_probs: dict, axes: dict, size: int) -> tuple[jax.Arra
     summed over the grid axes a factor is constant along. It is the gradient that
     `e_step` takes otherwise, without its backward pass's transposes (4 of the 54
     fused operations of a D=64, K=10 mixture's update; no measurable change in time)."""
-    total = _mixture_grid(log_probs, axes, size)
+    total, shapes = _mixture_grid(log_probs, axes, size)
     # logsumexp's own steps, so that one exponential gives both (a second pass of exp
     # over the grid cost 6 us of 37 at D=2, K=20)
     top = jnp.max(total, axis=0)
@@ -130,10 +131,9 @@ def _mixture_posterior(log_probs: dict, axes: dict, size: int) -> tuple[jax.Arra
     weights = {}
     for name, pairs in axes.items():
         lp = log_probs[name]
-        kept = _to_grid(lp.reshape([lp.shape[i] for i, _ in pairs]), pairs).shape
         w = post
         for g in (0, 1):
-            if kept[g] == 1 and post.shape[g] != 1:
+            if shapes[name][g] == 1 and post.shape[g] != 1:
                 w = jnp.sum(w, axis=g, keepdims=True)
         if [g for _, g in pairs] == [1, 0]:
             w = w.T
