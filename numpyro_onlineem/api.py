@@ -582,17 +582,23 @@ def _scan(config, state, arrays, static, length, skip):
     chunk's compiled program and costs its own batches only. Returns the state and the
     stacked infos (zeros elsewhere)."""
     num = jax.tree.leaves(arrays)[0].shape[0]
-    infos = UpdateInfo.zeros((num,), state.num_seen.dtype)  # (no second trace of the update)
+    # every field of every update's info in one (num, fields) buffer: one write per
+    # update instead of one per field (each write is an operation of the loop's body)
+    dtypes = UpdateInfo.zeros((), state.num_seen.dtype)
+    rows = jnp.zeros((num, len(dtypes)), state.num_seen.dtype)
 
     def body(i, carry):
         s, out = carry
         # read again in the branch that checks the Polyak average (`core.update`)
         at = lambda: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), arrays)
         s, one = _update(config, s, at(), static, at)
-        put = lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v.astype(o.dtype), i, 0)
-        return s, jax.tree.map(put, out, one)
+        row = jnp.stack([v.astype(out.dtype) for v in one])
+        return s, jax.lax.dynamic_update_index_in_dim(out, row, i, 0)
 
-    return jax.lax.fori_loop(skip, jnp.minimum(skip + length, num), body, (state, infos))
+    stop = jnp.minimum(skip + length, num)
+    state, rows = jax.lax.fori_loop(skip, stop, body, (state, rows))
+    fields = (rows[:, j].astype(z.dtype) for j, z in enumerate(dtypes))
+    return state, UpdateInfo(*fields)
 
 
 def _loglik(config, state, arrays, static):
