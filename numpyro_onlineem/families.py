@@ -202,6 +202,11 @@ class Family:
     reparams: dict = {}
     # roles whose data-driven initialisation from cluster centres makes sense
     center_roles: tuple = ()
+    # where k-means runs for that start: "data", or "log" for positive data whose spread
+    # grows with their scale (the centres passed to `from_centers` are then geometric
+    # means): on raw Exponential data in 300 dimensions k-means++ split the clusters
+    # badly, and the fit ended 37 nats/point short of batch EM from the same start
+    center_space: str = "data"
     # role whose estimation makes the statistics moments about a fixed reference point
     # (the Gaussian location), or None: statistics of the value itself
     shift_role: str | None = None
@@ -661,6 +666,7 @@ class ExponentialFamily(_PositiveRateFamily):
 
     name = "Exponential"
     dist_types = (dist.Exponential,)
+    center_space = "log"
 
     def linear_form(self, value, params, num_event, center=None):
         rate = params["rate"]
@@ -672,7 +678,8 @@ class ExponentialFamily(_PositiveRateFamily):
         return n + prior["concentration"] - 1.0, s1 + prior["rate"]
 
     def from_centers(self, role, centers, options):
-        return 1.0 / jnp.maximum(centers, options.prob_eps)
+        # a geometric mean: E[log x] = -log(rate) - Euler's gamma
+        return np.exp(-np.euler_gamma) / jnp.maximum(centers, options.prob_eps)
 
 
 class LocationFamily(Family):

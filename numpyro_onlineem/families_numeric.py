@@ -247,9 +247,10 @@ class GammaFamily(_NumericFamily):
     (ECM: the concentration given the current rate, then the rate). The concentration has
     no conjugate prior.
 
-    A data-driven start sets the rate from k-means centres as ``1 / centre``: the
-    components' means match the centres where the concentration is 1 (its usual
-    placeholder), and the first M step re-fits the rate to whatever concentration holds.
+    A data-driven start sets the rate from k-means centres of $\log x$ (geometric means
+    $c$) as $e^{-\gamma}/c$ ($\gamma$ Euler's constant): the components' mean logarithms
+    match the centres where the concentration is 1 (its usual placeholder), and the
+    first M step re-fits the rate to whatever concentration holds.
     """
 
     name = "Gamma"
@@ -257,6 +258,7 @@ class GammaFamily(_NumericFamily):
     role_event_ndim = {"concentration": 0, "rate": 0}
     conjugate_priors = {"rate": (dist.Gamma,)}
     center_roles = ("rate",)
+    center_space = "log"
     role_support = {"concentration": constraints.positive, "rate": constraints.positive}
 
     def num_stats(self, base):
@@ -334,7 +336,7 @@ class GammaFamily(_NumericFamily):
         return out
 
     def from_centers(self, role, centers, options):
-        return 1.0 / jnp.maximum(centers, options.prob_eps)
+        return np.exp(-np.euler_gamma) / jnp.maximum(centers, options.prob_eps)
 
 
 def _same(a: tuple, b: tuple) -> bool:

@@ -29,7 +29,9 @@ ordered axis; a site whose prior's mean differs across components gets, for each
 component, the centre nearest that mean (`_match_prior`); otherwise, when the latent's
 mixture weights are unequal at the start (fixed, given or chosen), the centres are
 matched to them by cluster size (`_match_weights`). The data are centred on their mean
-before k-means, so that float32 data far from the origin keep their precision.
+before k-means, so that float32 data far from the origin keep their precision. A
+family of positive, skewed data clusters their logarithms instead
+(`numpyro_onlineem.families.Family.center_space`: Exponential, Gamma).
 """
 
 from __future__ import annotations
@@ -200,13 +202,16 @@ def _cluster_sizes(pts: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return np.bincount(np.argmin(d2, -1), minlength=len(centers))
 
 
-def _match_weights(centers: np.ndarray, pts: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Reorder k-means centres so that the component with the ``j``-th largest weight
-    gets the ``j``-th largest cluster of the init batch: a fixed or given weight then
-    describes a cluster of about its size (with the centres in k-means' own order, a
-    fixed weight of 0.2 could sit on the cluster of half the data, a start that EM does
-    not undo)."""
-    sizes = _cluster_sizes(pts, centers)
+def _match_weights(
+    centers: np.ndarray, means: np.ndarray, pts: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """Reorder the initial values ``centers`` of k-means clusters (``means``, centres
+    of ``pts`` in the space k-means ran in) so that the component with the ``j``-th
+    largest weight gets the ``j``-th largest cluster of the init batch: a fixed or given
+    weight then describes a cluster of about its size (with the centres in k-means' own
+    order, a fixed weight of 0.2 could sit on the cluster of half the data, a start that
+    EM does not undo)."""
+    sizes = _cluster_sizes(pts, means)
     out = np.empty_like(centers)
     out[np.argsort(-weights, kind="stable")] = centers[np.argsort(-sizes, kind="stable")]
     return out
@@ -379,7 +384,11 @@ def data_driven_init(
                     "buffers single points for it), give init_params={"
                     f"'{pname}': ...}}, or use OnlineEM(..., init='model')."
                 )
-            centers = _kmeans(rng, pts, k, 50, init_restarts(npts, k, pts.shape[1]))
+            space = pts
+            if fam.center_space == "log":  # positive, skewed data: clusters of log x
+                space = np.log(np.maximum(pts, np.finfo(pts.dtype).tiny))
+            means = _kmeans(rng, space, k, 50, init_restarts(npts, k, pts.shape[1]))
+            centers = np.exp(means) if fam.center_space == "log" else means
             centers = np.asarray(fam.from_centers(role, centers, options))
             how = f"from k-means++ over {npts} points of the init batch"
             if mode == "auto" and deliberate:
@@ -396,7 +405,7 @@ def data_driven_init(
             else:
                 weights = _component_weights(trace, site, axis, k)
                 if weights is not None:
-                    centers = _match_weights(centers, pts, weights)
+                    centers = _match_weights(centers, means, space, weights)
                     how += ", matched to the mixture weights by cluster size"
             blocks[bm_k] = centers.reshape((k,) + right_event)
             params[pname] = jnp.asarray(blocks.reshape(shape), dtype=params[pname].dtype)
