@@ -335,6 +335,7 @@ class _Runner:
             )
         if not _warn_if_never_updated(self.em, state):
             _warn_if_unsettled(state)
+            _warn_if_empty_components(state)
         return OnlineEMRunResult(self.em.get_params(state), state, losses)
 
 
@@ -412,6 +413,35 @@ def _warn_if_unsettled(state) -> None:
         RuntimeWarning,
         stacklevel=4,
     )
+
+
+def _warn_if_empty_components(state) -> None:
+    r"""Warn when a component of a mixture ends with an estimated weight below one point
+    of those seen ($w_k n < 1$): it explains no data. Components that start without
+    data, or that k-means++ over a few hundred init points did not find (clusters in
+    300 dimensions told apart mostly by their scales), die like this and leave a fit
+    nats per point short, with no other sign."""
+    seen = float(state.num_seen)
+    for sp in state.plan.sites:
+        name = sp.learned.get("probs") if sp.family.name == "Categorical" else None
+        if name is None:
+            continue
+        weights = np.asarray(state.averaged[name], np.float64)
+        empty = np.argwhere(weights * seen < 1.0)
+        if not len(empty):
+            continue
+        which = [tuple(int(i) for i in e) if weights.ndim > 1 else int(e[0]) for e in empty]
+        warnings.warn(
+            f"OnlineEM.run: component(s) {which} of '{sp.site}' end with weight(s) "
+            f"{np.round(weights[tuple(empty.T)], 6).tolist()} (under one of the {seen:g} "
+            f"points seen): they explain no data, so the fit has fewer components than "
+            "the model. Their start left them without points, or k-means++ over the init "
+            "points did not find the clusters (in hundreds of dimensions a few hundred "
+            "points can be too few): pass more points to init (OnlineEM.run(..., "
+            "init_points=...)), give init_params near the data, or use fewer components.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
 
 def _single_point_to_batch(spec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

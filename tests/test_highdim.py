@@ -65,3 +65,51 @@ def test_one_pass_matches_batch_em_without_starving(d, k, batch, n):
     assert online > ref.score(test) - 0.02, (online, ref.score(test))
     # no component starves: every weight keeps at least half of the true smallest one
     assert np.asarray(result.params["weights"]).min() > 0.5 * weights.min()
+
+
+def test_components_that_die_after_a_short_init_say_so_and_init_points_revives_them():
+    """The users' scenario: 300-dimensional points far from the origin, one at a time,
+    eight components told apart mostly by their scales (the means are 6 apart, the
+    points' spread about 17). k-means++ over the default 400 init points does not find
+    the clusters, two components end with weight 0 and the fit is nats per point short
+    of scikit-learn: that must not be silent. The warning's remedy, more init points,
+    reaches scikit-learn's fit (its own k-means over every point)."""
+    d, k = 300, 8
+    rng = np.random.default_rng(7)
+    weights = rng.dirichlet(3 * np.ones(k))
+    means = 1e4 + rng.normal(0, 6 / np.sqrt(2 * d), (k, d))
+    scales = rng.uniform(0.5, 1.5, (k, d))
+
+    def draw(n):
+        z = rng.choice(k, n, p=weights)
+        return means[z] + scales[z] * rng.normal(size=(n, d))
+
+    x64, x_test = draw(20_000), draw(5_000)
+    x = x64.astype(np.float32)
+    ref = GaussianMixture(k, covariance_type="diag", n_init=2, random_state=0).fit(x64)
+    reference = ref.score(x_test)
+    em = OnlineEM(gmm_diag_k8)
+
+    def heldout(params):
+        gm = GaussianMixture(k, covariance_type="diag")
+        gm.weights_ = np.asarray(params["weights"], np.float64)
+        gm.means_ = np.asarray(params["locs"], np.float64)
+        gm.covariances_ = np.asarray(params["scales"], np.float64) ** 2
+        gm.precisions_cholesky_ = 1.0 / np.asarray(params["scales"], np.float64)
+        return gm.score(x_test)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = em.run(jax.random.PRNGKey(0), (p for p in x), progress_bar=False)
+    empty = [w for w in caught if "explain no data" in str(w.message)]
+    gap = reference - heldout(result.params)
+    assert gap < 0.05 or empty, (gap, [str(w.message) for w in caught])
+    assert gap > 1.0 and len(empty) == 1  # today's default start: the case to flag
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = em.run(jax.random.PRNGKey(0), (p for p in x), init_points=2000, progress_bar=False)
+    assert reference - heldout(result.params) < 0.02
+
+
+def gmm_diag_k8(x):
+    return gmm_diag(x, K=8)
