@@ -308,6 +308,8 @@ def compare_with_nuts(
     )
     table_sites = [name for name in order if name in sampled]
     table = _table(az, nuts, estimate, table_sites, hdi_prob, num_chains)
+    _warn_if_chains_disagree(table)
+    _warn_if_unaligned_and_apart(table, [latent for latent, sites in axes.items() if not sites])
     return NUTSComparison(
         table=table,
         online=online,
@@ -494,6 +496,49 @@ def _align_labels(axes, estimate, draws):
             permutation[latent] = match_components(estimate, draws, drawn)
             draws = permute_components(draws, drawn, permutation[latent])
     return draws, permutation
+
+
+#: Largest split r-hat of a sampled site before `compare_with_nuts` warns that its chains
+#: disagree (1.01 is Vehtari et al.'s (2021) bar for a final analysis; a comparison's
+#: short runs often miss it by a little, while chains in different modes give 1.5 to 2).
+R_HAT_MAX = 1.05
+
+
+def _warn_if_chains_disagree(table) -> None:
+    """Warn when NUTS's chains disagree (r-hat above `R_HAT_MAX`): the table pools them,
+    so its mean, sd, HDI and z describe no one posterior mode."""
+    r_hat = table["r_hat"].to_numpy(dtype=float)
+    if not np.any(r_hat > R_HAT_MAX):
+        return
+    rows = list(table.index[r_hat > R_HAT_MAX])
+    warnings.warn(
+        f"compare_with_nuts: NUTS's chains disagree on {len(rows)} of {len(table)} rows "
+        f"(r_hat up to {np.nanmax(r_hat):.3g} on {rows[:5]}): the table pools them, so its "
+        "mean, sd, HDI and z do not describe one posterior mode. A chain stuck in another "
+        "mode, or too short a warmup, is the usual cause: look at the chains apart "
+        "(result.nuts.posterior), run longer (num_warmup=...), or start NUTS at the online "
+        "estimate (nuts_kwargs={'init_strategy': init_to_value(values=em.get_params(state))}).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _warn_if_unaligned_and_apart(table, unaligned: list) -> None:
+    """Warn when a latent's labels could not be aligned and the online estimate lies
+    outside NUTS's HDI on every row: NUTS may have sampled the other labelling."""
+    if not unaligned or len(table) < 2 or bool(table["inside_hdi"].any()):
+        return
+    warnings.warn(
+        f"compare_with_nuts: the online estimate lies outside NUTS's HDI on all "
+        f"{len(table)} rows (|z| up to {np.nanmax(np.abs(table['z'])):.3g}), and the labels "
+        f"of {unaligned} could not be aligned: relabelling their states is not a "
+        "permutation of axes of the estimated sites (a Bernoulli latent's probability p "
+        "against 1 - p, say). NUTS may have sampled the other labelling, or the two fits "
+        "sit at different modes: compare the chains' means with the estimate, or write "
+        "the latent as a Categorical over weights indexed like the components.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 #: Mean squared standardised distance above which a chain is not near the online fit.

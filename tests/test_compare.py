@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import arviz as az
 import jax
@@ -546,3 +547,66 @@ def test_lazy_import_and_no_arviz_notice(tmp_path):
     assert ours.stdout.strip() == "ok"
     if not (tmp_path / "arviz" / "daily_warning").exists():  # written when the notice is issued
         pytest.skip("this ArviZ does not announce its refactor on import")
+
+
+def _bernoulli_mixture(x):
+    """Two Normal components chosen by a Bernoulli latent: relabelling them swaps the
+    locations and maps p to 1 - p, which is no permutation of axes (no alignment)."""
+    p = numpyro.sample("p", dist.Beta(2.0, 2.0))
+    locs = numpyro.param("locs", jnp.array([-1.0, 1.0]))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Bernoulli(p))
+        numpyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+
+@pytest.fixture(scope="module")
+def bernoulli_fit():
+    rng = np.random.default_rng(0)
+    x = (np.where(rng.random(300) < 0.3, 3.0, -3.0) + rng.normal(size=300)).astype(np.float32)
+    em = OnlineEM(_bernoulli_mixture)
+    return em, em.run(jax.random.PRNGKey(0), x, batch_size=100, progress_bar=False).state, x
+
+
+@pytest.mark.parametrize(
+    "seed, expected",
+    [
+        (0, "chains disagree"),  # one chain in each labelling: pooled, r_hat 1.8
+        (1, "outside NUTS's HDI on all"),  # both chains in the other labelling
+        (3, None),  # both in the online labelling
+    ],
+)
+def test_unaligned_labellings_and_disagreeing_chains_are_reported(bernoulli_fit, seed, expected):
+    """A new user's Bernoulli mixture: NUTS's chains land in either labelling, and no
+    permutation of axes relates them. Both failures used to pass silently: pooled chains
+    put every estimate inside a meaningless HDI (r_hat 1.8), and two relabelled chains
+    put all of them outside (|z| up to 90). Reference: each chain's mean against the
+    estimate and its relabelling (p -> 1 - p, the locations swapped)."""
+    em, state, x = bernoulli_fit
+    estimate = {k: np.asarray(v, np.float64) for k, v in em.get_params(state).items()}
+    online = np.r_[estimate["p"], estimate["locs"]]
+    relabelled = np.r_[1 - estimate["p"], estimate["locs"][::-1]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = compare_with_nuts(
+            em,
+            state,
+            x,
+            rng_key=jax.random.PRNGKey(seed),
+            num_warmup=200,
+            num_samples=200,
+            num_chains=2,
+            param_priors={"locs": dist.Normal(0.0, 10.0)},
+        )
+    post = result.nuts.posterior
+    means = np.stack([post["p"].mean("draw"), *post["locs"].mean("draw").T], -1)  # (chain, 3)
+    near = lambda ref: np.all(np.abs(means - ref) < 0.15, axis=1)
+    messages = [str(w.message) for w in caught if "compare_with_nuts" in str(w.message)]
+    if expected is None:
+        assert near(online).all() and not messages, messages
+    else:
+        assert len(messages) == 1 and expected in messages[0], messages
+        if expected == "chains disagree":
+            assert near(online).sum() == 1 and near(relabelled).sum() == 1
+            assert result.table["r_hat"].min() > 1.5
+        else:
+            assert near(relabelled).all() and not result.table["inside_hdi"].any()
