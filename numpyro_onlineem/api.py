@@ -24,7 +24,7 @@ from numpyro_onlineem.model import (
     reads_subsample,
     trace_model,
 )
-from numpyro_onlineem.mstep.plan import MSTEP_PATHS, array_attrs, make_plan
+from numpyro_onlineem.mstep.plan import MSTEP_PATHS, UnsupportedModelError, array_attrs, make_plan
 from numpyro_onlineem.mstep.sites import site_grid
 from numpyro_onlineem.runner import run_stream
 from numpyro_onlineem.schedules import (
@@ -451,6 +451,7 @@ class OnlineEM:
         """The model's initial values and the M-step plan: ``(params, plan)``."""
         dtype = jnp.result_type(float)
         params = {name: jnp.asarray(first.values[name], dtype) for name in sites.params}
+        _check_enumerated_run(self.model, sites, params, args, kwargs)
         plan = make_plan(self.model, sites, params, args, kwargs, self.mstep, self.numerical_steps)
         return params, plan
 
@@ -469,6 +470,31 @@ class OnlineEM:
             except Exception:
                 raise as_batch from None
             return True
+
+
+def _check_enumerated_run(model, sites, params: dict, args: tuple, kwargs: dict) -> None:
+    """Run the model once with its discrete latents enumerated, at its initial values
+    (it ran without enumeration already): a model written for one value per datum (an
+    ``einsum("bp,bp->b", X, beta[z])``) fails here with NumPy's own message, deep inside
+    the plan's probes; say what enumeration does to its arrays instead."""
+    if not sites.enumerated:
+        return
+    try:
+        enum_trace(model, sites, params, args, kwargs, concrete=True)
+    except UnsupportedModelError:
+        raise
+    except Exception as error:
+        raise UnsupportedModelError(
+            f"OnlineEM.init: the model runs with one value per datum for "
+            f"{sorted(sites.enumerated)}, but fails with their states enumerated "
+            f"({type(error).__name__}: {error}). Enumeration gives each discrete latent its "
+            "states along a leading axis of its own (K states of z: shape (K, 1) inside "
+            "the data plate), so an array indexed by it (beta[z]) gains that axis. Write "
+            "the model so that it broadcasts over extra leading axes: "
+            "jnp.einsum('...p,...p->...', X, beta[z]) rather than 'bp,bp->b', "
+            "jnp.sum(..., axis=-1) rather than axis=1, x[..., None]; NumPyro's own "
+            "enumeration (TraceEnum_ELBO, NUTS) runs the model the same way."
+        ) from error
 
 
 def _in_support(plan, params: dict, given: frozenset) -> dict:

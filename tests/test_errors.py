@@ -278,3 +278,34 @@ def test_hmm_written_as_a_python_loop_is_named_a_chain(rng):
     y = rng.normal(size=20).astype(np.float32)
     with pytest.raises(ValueError, match="Markov chain.*not supported yet"):
         OnlineEM(hmm).init(jax.random.PRNGKey(0), y)
+
+
+def _regression_mixture(X, y, subscripts):
+    k, p = 2, X.shape[-1]
+    weights = numpyro.param("weights", jnp.ones(k) / k, constraint=constraints.simplex)
+    beta = numpyro.param("beta", jnp.array([[1.0] * p, [-1.0] * p]))
+    with numpyro.plate("data", X.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(weights))
+        numpyro.sample("y", dist.Normal(jnp.einsum(subscripts, X, beta[z]), 0.5), obs=y)
+
+
+def test_a_model_written_for_one_value_per_datum_is_told_about_enumeration(rng):
+    """A new user's mixture of regressions with einsum('bp,bp->b', X, beta[z]) failed
+    deep inside init's probes with NumPy's "Einstein sum subscript 'bp' does not contain
+    the correct number of indices". It runs unenumerated, so the error now says what
+    enumeration does to z and how to write the model; the suggested form fits, and its
+    coefficients match the generating ones."""
+    n, p = 4_000, 3
+    X = rng.normal(size=(n, p)).astype(np.float32)
+    truth = np.array([[2.0, -1.0, 0.5], [-2.0, 1.0, -0.5]])
+    z = rng.random(n) < 0.4
+    y = (np.sum(X * truth[z.astype(int)], -1) + 0.5 * rng.normal(size=n)).astype(np.float32)
+    em = OnlineEM(_regression_mixture)
+    with pytest.raises(UnsupportedModelError, match=r"fails with their states enumerated.*'bp'"):
+        em.init(jax.random.PRNGKey(0), X[:500], y[:500], "bp,bp->b")
+    result = em.run(
+        jax.random.PRNGKey(0), (X, y), "...p,...p->...", batch_size=100, progress_bar=False
+    )
+    beta = np.asarray(result.params["beta"])
+    beta = beta[np.argsort(-beta[:, 0])]  # the component with the positive first slope first
+    np.testing.assert_allclose(beta, truth, atol=0.05)
