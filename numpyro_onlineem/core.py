@@ -171,8 +171,8 @@ def batch_statistics(
     batch_size, total_size = num_data(trace, sites)
     weights = jax.lax.stop_gradient(res.weights)
 
-    def trace_at(values: dict) -> OrderedDict:
-        return enum_trace(config.model, sites, values, args, kwargs, indices)
+    def trace_at(values: dict, a: tuple = args, k: dict = kwargs) -> OrderedDict:
+        return enum_trace(config.model, sites, values, a, k, indices)
 
     def expected_log_joint(values: dict) -> tuple[jax.Array, dict]:
         tr = trace_at(values)
@@ -186,8 +186,7 @@ def batch_statistics(
         return local / batch_size, priors
 
     def log_marginal(values: dict) -> jax.Array:
-        a, k = (args, kwargs) if reread is None else reread()
-        tr = enum_trace(config.model, sites, values, a, k, indices)
+        tr = trace_at(values) if reread is None else trace_at(values, *reread())
         return jnp.mean(plan.estep.log_likelihood(tr, sites, shifts))
 
     batch = EStepBatch(

@@ -165,6 +165,14 @@ def segment_sum(x: jax.Array, groups: np.ndarray, num: int) -> jax.Array:
     return jax.ops.segment_sum(x, jnp.asarray(groups), num_segments=num)
 
 
+def rate_from_log_centers(centers: jax.Array, options: MStepOptions) -> jax.Array:
+    r"""The rate of unit shape whose mean logarithm is $\log c$, at k-means centres of
+    $\log x$ (geometric means $c$, `Family.center_space` ``"log"``): since
+    $E[\log x] = -\log\lambda - \gamma$ for an Exponential($\lambda$),
+    $\lambda = e^{-\gamma}/c$ ($\gamma$ Euler's constant)."""
+    return np.exp(-np.euler_gamma) / jnp.maximum(centers, options.prob_eps)
+
+
 def take(x: jax.Array, groups: np.ndarray) -> jax.Array:
     """``x[groups]``: the block of every cell (free for a one-to-one map)."""
     if _is_identity(groups, x.shape[0]):
@@ -678,8 +686,7 @@ class ExponentialFamily(_PositiveRateFamily):
         return n + prior["concentration"] - 1.0, s1 + prior["rate"]
 
     def from_centers(self, role, centers, options):
-        # a geometric mean: E[log x] = -log(rate) - Euler's gamma
-        return np.exp(-np.euler_gamma) / jnp.maximum(centers, options.prob_eps)
+        return rate_from_log_centers(centers, options)
 
 
 class LocationFamily(Family):

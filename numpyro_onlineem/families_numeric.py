@@ -33,6 +33,7 @@ from numpyro_onlineem.families import (
     _keep,
     contract_data,
     finish_role,
+    rate_from_log_centers,
     segment_sum,
     take,
 )
@@ -336,7 +337,7 @@ class GammaFamily(_NumericFamily):
         return out
 
     def from_centers(self, role, centers, options):
-        return np.exp(-np.euler_gamma) / jnp.maximum(centers, options.prob_eps)
+        return rate_from_log_centers(centers, options)
 
 
 def _same(a: tuple, b: tuple) -> bool:
